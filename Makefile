@@ -1,0 +1,41 @@
+# The workbook's commands. Each target creates (or reuses) the virtual environment and installs what it
+# needs first, so on a fresh machine nothing else is typed before `make reproduce` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Re-install when the dependencies or the checkout's location change (the install is editable).
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-8)
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+PYTEST_NB := --nbval-lax --nbval-current-env --sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: install test test-units test-notebooks reproduce lab clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+## The whole test suite: unit tests and the notebooks (smoke mode, under nbval).
+test: $(STAMP)
+	TBPS_MODE=smoke TBPS_PROGRESS=0 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests notebooks
+
+test-units: $(STAMP)
+	$(PY) -m pytest -n 2 tests
+
+test-notebooks: $(STAMP)
+	TBPS_MODE=smoke TBPS_PROGRESS=0 $(PY) -m pytest $(PYTEST_NB) notebooks
+
+## The main job: execute every notebook headless in smoke mode, regenerating figures/ and tables.
+reproduce: $(STAMP)
+	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
+	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} ../$(VENV)/bin/jupyter nbconvert --to notebook \
+	    --execute --inplace --ExecutePreprocessor.timeout=3600 $$nb || exit 1; done
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-runs:
+	rm -rf runs/

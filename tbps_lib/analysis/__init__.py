@@ -1,0 +1,1 @@
+"""Analysis of trained runs: modality gap, embedding maps, attention maps, tables, figures."""
