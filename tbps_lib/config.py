@@ -30,3 +30,242 @@ def notebook_params() -> NotebookParams:
     data = os.environ.get("TBPS_DATA", "synthetic:cuhk-like").strip()
     runs = os.environ.get("TBPS_RUNS", "runs").strip()
     return NotebookParams(mode=mode, data=data, runs=runs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training configuration. A Config is plain data: frozen dataclasses of numbers, strings and tuples, so
+# it hashes, compares, round-trips through JSON, and names its run folder (config_hash).
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any, Mapping
+
+PRESETS = ("smoke", "paper")
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    """Image backbone. ``arch`` names an entry of ``tbps_lib.models.encoders.IMAGE_ARCHS``."""
+
+    arch: str = "vit_smoke"
+    img_size: tuple[int, int] = (128, 64)  # (height, width)
+    pretrained: str | None = None  # a local timm checkpoint file, or None for random initialisation
+    drop_path: float = 0.0
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Text backbone. ``arch`` names an entry of ``tbps_lib.models.encoders.TEXT_ARCHS``."""
+
+    arch: str = "bert_smoke"
+    pretrained: str | None = None  # a local Hugging Face BERT folder (weights and tokenizer), or None
+    max_length: int = 64
+    vocab_size: int = 2000  # size of the WordPiece vocabulary trained on the captions (no pretrained)
+    freeze: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, batching and augmentation."""
+
+    dataset: str = "synthetic:cuhk-like"
+    root: str | None = None
+    batch_size: int = 64
+    sampler: str = "identity"  # "identity" (P ids x K pairs per batch) or "random"
+    instances_per_id: int = 2
+    flip: bool = True
+    num_workers: int = 0
+    val_holdout: float = 0.1  # share of training ids held out when the dataset has no val split
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and learning-rate schedule; ``max_steps`` (if set) caps the run before ``epochs``."""
+
+    optimizer: str = "adam"  # "adam" or "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    backbone_lr_factor: float = 1.0  # learning-rate factor of the pretrained backbones
+    schedule: str = "cosine"  # "cosine", "multistep" or "constant"
+    milestones: tuple[int, ...] = ()  # epochs, for "multistep"
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    epochs: int = 10
+    max_steps: int | None = None
+    clip_grad: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation during training and evaluation."""
+
+    every: int = 1  # validate every N epochs (and after the last)
+    select_metric: str = "R1"  # the validation metric that selects the checkpoint
+    batch_size: int = 256
+    chunk_size: int = 1024  # text rows per similarity chunk
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run depends on. ``model`` is the method's own frozen config dataclass."""
+
+    method: str
+    model: Any
+    preset: str = "smoke"
+    seed: int = 0
+    embed_dim: int = 256
+    image: ImageEncoderConfig = ImageEncoderConfig()
+    text: TextEncoderConfig = TextEncoderConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready nested dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: Config) -> str:
+    """12 hex digits that name the run: a hash of the canonical JSON of the config."""
+    text = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert JSON/CLI values to the field's declared type (tuples, optionals, numbers, bools)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
+        return _from_dict(annotation, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("x", ",").split(",") if v.strip()] if value else []
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, where) for v in value)
+    if annotation is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{where}: expected a boolean, got {value!r}")
+        return bool(value)
+    if annotation in (int, float):
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and value != number:
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return number
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where or cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in data.items()})
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Rebuild a Config saved with :func:`config_to_dict` (the model config class comes from the registry)."""
+    from tbps_lib.models.registry import method_spec
+
+    data = dict(data)
+    if "method" not in data:
+        raise ValueError("a config needs a 'method' field")
+    model = _from_dict(method_spec(data["method"]).config_cls, data.pop("model", {}) or {}, "model")
+    hints = typing.get_type_hints(Config)
+    names = {f.name for f in dataclasses.fields(Config)} - {"model"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(names | {'model'})}")
+    return Config(model=model, **{k: _coerce(v, hints[k], k) for k, v in data.items()})
+
+
+def override(cfg: Config, changes: Mapping[str, Any]) -> Config:
+    """Return ``cfg`` with fields replaced by dotted name, e.g. ``{"text.pretrained": "/models/bert",
+    "model.margin": "0.5", "optim.milestones": "20,40"}``; values may be strings (from ``--set``) and are
+    converted to the field's type. An unknown name is an error that lists the valid ones."""
+    data = config_to_dict(cfg)
+    for key, value in changes.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown config field {key!r}: {part!r} is not a section; "
+                                 f"sections: {sorted(k for k, v in data.items() if isinstance(v, dict))}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown config field {key!r}; fields there: {sorted(node)}")
+        node[parts[-1]] = value
+    return config_from_dict(data)
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """Dotted names of the fields whose values differ, as ``name: a -> b`` lines."""
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    fa, fb = flat(config_to_dict(a)), flat(config_to_dict(b))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def make_config(method: str, preset: str = "smoke", dataset: str | None = None,
+                changes: Mapping[str, Any] | None = None) -> Config:
+    """The config of ``method`` under ``preset`` (smoke or paper) for ``dataset``, plus ``changes``.
+
+    The smoke preset is shared (small encoders, the synthetic benchmark, CPU minutes); each method's
+    ``presets`` in the registry adds its own fields (the paper's hyperparameters for ``paper``).
+    """
+    from tbps_lib.models.registry import method_spec
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {list(PRESETS)}")
+    spec = method_spec(method)
+    dataset = dataset or DataConfig().dataset
+    cfg = Config(method=method, model=spec.config_cls(), preset=preset, data=DataConfig(dataset=dataset))
+    preset_fn = spec.presets.get(preset)
+    if preset_fn is None:
+        raise ValueError(f"method {method!r} has no {preset!r} preset; it has: {sorted(spec.presets)}")
+    cfg = override(cfg, preset_fn(dataset))
+    return override(cfg, changes or {})
+
+
+# The smoke preset every method starts from: small encoders, the synthetic benchmark, a few CPU minutes.
+# A method's own smoke preset adds or changes fields on top of this.
+SMOKE_DEFAULTS: dict[str, Any] = {
+    "image.arch": "vit_smoke",
+    "image.img_size": (128, 64),
+    "text.arch": "bert_smoke",
+    "text.max_length": 64,
+    "text.vocab_size": 2000,
+    "embed_dim": 256,
+    "data.batch_size": 64,
+    "data.sampler": "identity",
+    "data.instances_per_id": 2,
+    "optim.optimizer": "adam",
+    "optim.lr": 1e-3,
+    "optim.schedule": "cosine",
+    "optim.warmup_epochs": 1.0,
+    "optim.epochs": 8,
+    "eval.every": 2,
+}

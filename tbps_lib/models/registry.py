@@ -1,0 +1,78 @@
+"""The method registry: ``register_method(name, ...)`` on a model class, ``build_model(cfg)``.
+
+A method module registers its model class together with its own config dataclass and its presets
+(functions of the dataset spec that return dotted config changes, e.g. ``{"optim.lr": 1e-3}``).
+Method modules are imported lazily, the first time the registry is asked, so ``import tbps_lib`` stays
+light and a method whose optional pieces are missing does not break the others.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tbps_lib.config import Config
+    from tbps_lib.models.base import RetrievalModel
+
+# Modules under tbps_lib/models/ that define methods, in the order the workbook introduces them.
+METHOD_MODULES = ("baseline", "sew_mcm", "part_level", "acsa", "laip", "dssl")
+
+PresetFn = Callable[[str], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its model class, its config class and its presets by name."""
+
+    name: str
+    model_cls: type
+    config_cls: type
+    presets: Mapping[str, PresetFn]
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn]) -> Callable[[type], type]:
+    """Class decorator: register ``model_cls`` as method ``name`` with its config class and presets."""
+    def deco(model_cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name].model_cls is not model_cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets))
+        return model_cls
+    return deco
+
+
+def _load_all() -> None:
+    for module in METHOD_MODULES:
+        try:
+            importlib.import_module(f"tbps_lib.models.{module}")
+        except ModuleNotFoundError as e:  # a method not written yet: skip only its own module
+            if e.name != f"tbps_lib.models.{module}":
+                raise
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods, in the workbook's order."""
+    _load_all()
+    order = {m: i for i, m in enumerate(METHOD_MODULES)}
+    return sorted(_REGISTRY, key=lambda m: (order.get(m, len(order)), m))
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered method ``name``; an unknown name is an error listing the known ones."""
+    if name not in _REGISTRY:
+        _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered methods: {list_methods()}")
+    return _REGISTRY[name]
+
+
+def build_model(cfg: "Config") -> "RetrievalModel":
+    """Build the model of ``cfg.method`` from its config."""
+    spec = method_spec(cfg.method)
+    if not isinstance(cfg.model, spec.config_cls):
+        raise TypeError(f"cfg.model is a {type(cfg.model).__name__}, method {cfg.method!r} expects "
+                        f"{spec.config_cls.__name__}")
+    return spec.model_cls(cfg)

@@ -1,0 +1,90 @@
+"""Configs are plain data: hashable, JSON round-trip, dotted overrides with type conversion, diffs."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tbps_lib.config import (Config, DataConfig, OptimConfig, config_diff, config_from_dict, config_hash,
+                             config_to_dict, notebook_params, override)
+from tbps_lib.models.registry import register_method
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToyConfig:
+    margin: float = 0.2
+    use_decoder: bool = True
+
+
+@register_method("_config_toy", _ToyConfig, presets={"smoke": lambda dataset: {"optim.lr": 0.5}})
+class _Toy:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+
+def _cfg() -> Config:
+    return Config(method="_config_toy", model=_ToyConfig())
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = _cfg(), _cfg()
+    assert hash(a) == hash(b) and config_hash(a) == config_hash(b) and len(config_hash(a)) == 12
+    assert config_hash(override(a, {"model.margin": 0.3})) != config_hash(a)
+
+
+def test_json_round_trip():
+    cfg = override(_cfg(), {"optim.milestones": "20,40", "image.img_size": "384x128"})
+    back = config_from_dict(config_to_dict(cfg))
+    assert back == cfg and back.optim.milestones == (20, 40) and back.image.img_size == (384, 128)
+
+
+def test_override_converts_strings_to_field_types():
+    cfg = override(_cfg(), {"optim.lr": "1e-4", "optim.max_steps": "100", "model.use_decoder": "false",
+                            "text.pretrained": "/models/bert", "optim.clip_grad": "none", "seed": "3"})
+    assert cfg.optim.lr == 1e-4 and cfg.optim.max_steps == 100 and cfg.model.use_decoder is False
+    assert cfg.text.pretrained == "/models/bert" and cfg.optim.clip_grad is None and cfg.seed == 3
+
+
+@pytest.mark.parametrize("key,message", [("optim.lrr", "unknown config field 'optim.lrr'"),
+                                         ("optimiser.lr", "'optimiser' is not a section"),
+                                         ("model.nope", "unknown config field 'model.nope'")])
+def test_override_unknown_field_is_clear(key, message):
+    with pytest.raises(ValueError, match=message):
+        override(_cfg(), {key: 1})
+
+
+def test_override_bad_value_is_clear():
+    with pytest.raises(ValueError, match="optim.epochs: expected int"):
+        override(_cfg(), {"optim.epochs": "ten"})
+    with pytest.raises(ValueError, match="expected a boolean"):
+        override(_cfg(), {"data.flip": "maybe"})
+
+
+def test_diff_names_fields():
+    a = _cfg()
+    b = dataclasses.replace(a, optim=OptimConfig(lr=0.1), data=DataConfig(batch_size=8))
+    assert config_diff(a, b) == ["data.batch_size: 64 -> 8", "optim.lr: 0.001 -> 0.1"]
+    assert config_diff(a, a) == []
+
+
+def test_notebook_params(monkeypatch):
+    monkeypatch.delenv("TBPS_MODE", raising=False)
+    monkeypatch.delenv("TBPS_DATA", raising=False)
+    p = notebook_params()
+    assert (p.mode, p.data) == ("smoke", "synthetic:cuhk-like")
+    monkeypatch.setenv("TBPS_MODE", "fast")
+    with pytest.raises(ValueError, match="TBPS_MODE must be one of"):
+        notebook_params()
+
+
+def test_make_config_applies_preset_then_changes():
+    from tbps_lib.config import make_config
+
+    cfg = make_config("_config_toy", "smoke", dataset="synthetic:icfg-like", changes={"seed": 2})
+    assert cfg.optim.lr == 0.5 and cfg.data.dataset == "synthetic:icfg-like" and cfg.seed == 2
+    with pytest.raises(ValueError, match="has no 'paper' preset"):
+        make_config("_config_toy", "paper")
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("_config_toy", "large")
+    with pytest.raises(ValueError, match="unknown method 'nope'; registered methods"):
+        make_config("nope")
