@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Re-install when the dependencies or the checkout's location change (the install is editable).
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-8)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-PYTEST_NB := --nbval-lax --nbval-current-env --sanitize-with tests/nbval_sanitize.cfg
+PYTEST_NB := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 .PHONY: install test test-units test-notebooks reproduce lab clean-runs
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 ## The whole test suite: unit tests and the notebooks (smoke mode, under nbval).
 test: $(STAMP)
-	TBPS_MODE=smoke TBPS_PROGRESS=0 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests notebooks
+	TBPS_MODE=smoke TBPS_PROGRESS=0 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests $(wildcard notebooks)
 
 test-units: $(STAMP)
 	$(PY) -m pytest -n 2 tests
