@@ -1,0 +1,1 @@
+"""Evaluation engine: training loop, encoding and evaluation, retrieval metrics and re-ranking."""
