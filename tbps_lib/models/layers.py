@@ -1,0 +1,63 @@
+"""Layers shared by the methods: masked poolers and the projection of backbone features to the joint space.
+
+Kept in one place (DESIGN.md, "nothing is written twice"), so every method pools and projects the same way.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+POOLS = ("cls", "max", "mean")
+
+
+def _check_mask(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    if tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match tokens {tuple(tokens.shape)}")
+    return mask.bool()
+
+
+def masked_max_pool(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Global max pooling over the positions where ``mask`` is 1: [B, N, D] -> [B, D].
+
+    Padding never wins the max. A row without any real position is an error upstream (the encoders
+    refuse empty captions); here it would give ``-inf``, so it is not guarded silently.
+    """
+    keep = _check_mask(tokens, mask)
+    return tokens.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(dim=1)
+
+
+def masked_mean_pool(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over the positions where ``mask`` is 1: [B, N, D] -> [B, D]."""
+    keep = _check_mask(tokens, mask).unsqueeze(-1).to(tokens.dtype)
+    return (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+
+
+class PooledProjection(nn.Module):
+    """Backbone features -> one joint-space vector per sample.
+
+    ``pool``: ``"cls"`` projects the encoder's own pooled feature ([CLS] for ViT and BERT, average pool for
+    CNN/Swin, final states for the bi-GRU); ``"max"`` projects every token and max-pools over real tokens
+    (global max pooling as in the part-level paper, where both modalities' features share the width d
+    before pooling); ``"mean"`` projects and averages real tokens. ``batchnorm`` adds a BatchNorm1d after
+    pooling (the Sew paper's Algorithm 1, line 8); it uses running statistics in eval mode.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, pool: str = "cls", batchnorm: bool = False) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; pools: {list(POOLS)}")
+        self.pool = pool
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.norm: nn.Module = nn.BatchNorm1d(out_dim) if batchnorm else nn.Identity()
+
+    def forward(self, pooled: Tensor, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Pooled [B, D_in] and tokens [B, N, D_in] (mask [B, N] or None) -> [B, D_out]."""
+        if self.pool == "cls":
+            out = self.linear(pooled)
+        elif self.pool == "max":
+            out = masked_max_pool(self.linear(tokens), mask)
+        else:
+            out = masked_mean_pool(self.linear(tokens), mask)
+        return self.norm(out)
