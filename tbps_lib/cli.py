@@ -1,6 +1,9 @@
 """The ``tbps`` command.
 
 ``tbps data inspect`` summarises a dataset per split; ``tbps data synth`` writes the synthetic benchmark.
+``tbps train`` trains (or resumes, or just loads) the run of a method/dataset/preset plus ``--set`` changes;
+``tbps eval RUN_DIR`` evaluates a run's selected checkpoint on a split, optionally re-ranked;
+``tbps runs list`` tables the run registry.
 Each sub-command is a small function over the library; errors in the input are printed as one clear line
 (exit status 2), never as a traceback.
 """
@@ -53,6 +56,68 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _changes(pairs: Sequence[str]) -> dict[str, str]:
+    """``--set key=value`` arguments as a dict (values stay strings: ``config.override`` converts them)."""
+    changes: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value (e.g. optim.lr=1e-4), got {pair!r}")
+        changes[key.strip()] = value.strip()
+    return changes
+
+
+def _metric_line(metrics: dict) -> str:
+    return "  ".join(f"{k} {metrics[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP") if k in metrics)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the run of a config (resuming an interrupted one; loading a finished one) and print its metrics."""
+    from tbps_lib.config import make_config
+    from tbps_lib.engine.runs import train_or_load
+    from tbps_lib.engine.trainer import init_distributed
+
+    cfg = make_config(args.method, preset=args.preset, dataset=args.dataset, changes=_changes(args.set))
+    world, rank = init_distributed()
+    run = train_or_load(cfg, runs_dir=args.runs, progress=not args.quiet, device=args.device)
+    if rank == 0:
+        m = run.metrics
+        print(f"run {run.dir} ({'trained' if run.trained_now else 'already trained'})")
+        for note in m.get("dataset_notes", []):
+            print(f"note: {note}")
+        print(f"val  (epoch {m['selected']['epoch']}): {_metric_line(m['val'])}")
+        print(f"test: {_metric_line(m['test'])}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a run's selected checkpoint on a split (cached embeddings), optionally re-ranked."""
+    from tbps_lib.engine.runs import load_run
+
+    run = load_run(args.run_dir, device=args.device)
+    metrics = run.evaluate(args.split, rerank=args.rerank)
+    if args.json:
+        print(json.dumps({"metrics": metrics, "rerank": args.rerank, "provenance": run.provenance(args.split)},
+                         indent=2))
+    else:
+        print(f"{run.name} {args.split}{' + ' + args.rerank if args.rerank else ''}: {_metric_line(metrics)}")
+    return 0
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    """Print the runs under the registry root as a table (or JSON records)."""
+    from tbps_lib.engine.runs import list_runs, runs_root
+
+    table = list_runs(args.runs)
+    if args.json:
+        print(table.to_json(orient="records", indent=2))
+    elif table.empty:
+        print(f"no runs under {runs_root(args.runs)}")
+    else:
+        print(table.drop(columns=["dir"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tbps", description="Text-based person search workbook.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +140,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--difficulty", type=float, default=None, help="how alike identities are (preset default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser("train", help="train (or resume, or load) the run of a method and config")
+    p.add_argument("--method", required=True, help="a registered method, e.g. baseline")
+    p.add_argument("--dataset", default=None,
+                   help="synthetic:<preset> (default synthetic:cuhk-like), a dataset name, or a folder")
+    p.add_argument("--preset", default="smoke", help="smoke (CPU minutes) or paper (the paper's settings)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by dotted name, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default $TBPS_DEVICE or auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on a split")
+    p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
+    p.add_argument("--split", default="test", help="val or test (default test)")
+    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal"],
+                   help="re-rank the text-to-image scores")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
+    p.add_argument("--json", action="store_true", help="print metrics and provenance as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    runs = sub.add_parser("runs", help="the run registry").add_subparsers(dest="runs_cmd", required=True)
+    p = runs.add_parser("list", help="one line per run: method, hash, status, test metrics")
+    p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON records")
+    p.set_defaults(func=cmd_runs_list)
     return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors printed as one line: bad input, missing files, and a stopped training (whose module is only
+    imported, with torch, by the commands that train)."""
+    errors: list[type[BaseException]] = [DatasetError, FileNotFoundError, ValueError]
+    trainer = sys.modules.get("tbps_lib.engine.trainer")
+    if trainer is not None:
+        errors.append(trainer.TrainingError)
+    return tuple(errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (DatasetError, FileNotFoundError, ValueError) as e:
+    except _user_errors() as e:
         print(f"tbps: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,208 @@
+"""Evaluation: encode a split's gallery and queries, score them in chunks, rank, optionally re-rank.
+
+The protocol (DESIGN.md, "Evaluation protocol"): queries are every caption of the split, the gallery is
+every image of the split, a hit is an image of the same person. :func:`encode` runs the model in eval mode
+without gradients (bf16 autocast on CUDA) and returns an :class:`Encoded`, whose feature dicts live on the
+CPU as float32 so they can be cached on disk. :func:`evaluate` scores texts against images with the
+method's own ``model.similarity`` (chunked) and computes ``rank_metrics``.
+
+Re-ranking ("+R" in the papers) uses the same model's ``"global"`` embeddings for the extra similarities
+it needs: image-image cosine for ``visual_neighbors`` (NAFS style), and image-image plus text-text cosine
+for ``k_reciprocal`` (Zhong et al. 2017). ``k_reciprocal`` treats scores as cosines (its distance is
+2 - 2s), so text-image scores outside [-1, 1] (methods that add several cosines) are divided by their
+largest magnitude first; ranking by the unscaled scores is unchanged by this.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from tbps_lib.data.formats import TBPSDataset
+from tbps_lib.data.loaders import build_eval_loaders
+from tbps_lib.data.text import CaptionTokenizer
+from tbps_lib.engine import rerank as rerank_lib
+from tbps_lib.engine.metrics import rank_metrics
+from tbps_lib.utils import progress as progress_bar
+
+RERANKERS = ("visual_neighbors", "k_reciprocal")
+
+
+@dataclass
+class Encoded:
+    """A split encoded by one model: features on the CPU (float32) and the ids that line them up.
+
+    ``query_image_index[i]`` is the gallery index of the image caption ``i`` describes.
+    """
+
+    split: str
+    image_feats: dict[str, Tensor]
+    text_feats: dict[str, Tensor]
+    query_pids: Tensor
+    gallery_pids: Tensor
+    image_paths: list[str]
+    captions: list[str]
+    query_image_index: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.query_pids.numel())
+
+    @property
+    def n_gallery(self) -> int:
+        return int(self.gallery_pids.numel())
+
+    def to_state(self) -> dict[str, Any]:
+        """A dict of tensors, strings and lists that ``torch.load(..., weights_only=True)`` accepts."""
+        return {"split": self.split, "image_feats": self.image_feats, "text_feats": self.text_feats,
+                "query_pids": self.query_pids, "gallery_pids": self.gallery_pids,
+                "image_paths": list(self.image_paths), "captions": list(self.captions),
+                "query_image_index": self.query_image_index, "extra": dict(self.extra)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "Encoded":
+        missing = sorted({"split", "image_feats", "text_feats", "query_pids", "gallery_pids", "image_paths",
+                          "captions", "query_image_index"} - set(state))
+        if missing:
+            raise ValueError(f"encoded state lacks {missing}")
+        return cls(**{k: state[k] for k in state})
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing (fp32) elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a batch to ``device`` (non-blocking); other values stay as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _check_feats(feats: Any, what: str, method: str) -> dict[str, Tensor]:
+    if not isinstance(feats, Mapping) or not feats or not all(isinstance(v, Tensor) for v in feats.values()):
+        raise TypeError(f"{method}.{what} must return a non-empty dict of tensors, got {type(feats).__name__}")
+    return dict(feats)
+
+
+def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.cat([p[k] for p in parts]).float().cpu() for k in parts[0]}
+
+
+@torch.no_grad()
+def encode_loaders(model: torch.nn.Module, images: DataLoader, captions: DataLoader, split: str,
+                   device: torch.device | None = None, progress: bool = False) -> Encoded:
+    """Encode every batch of ``images`` and ``captions`` (from ``build_eval_loaders``)."""
+    device = device or next(model.parameters()).device
+    method = type(model).__name__
+    was_training = model.training
+    model.eval()
+    try:
+        img_parts, gallery_pids = [], []
+        for batch in progress_bar(images, enabled=progress, desc=f"encode {split} images", leave=False):
+            with autocast_context(device):
+                feats = model.encode_images(batch["images"].to(device, non_blocking=True))
+            img_parts.append(_check_feats(feats, "encode_images", method))
+            gallery_pids.append(batch["pids"])
+        txt_parts, query_pids, query_image, texts = [], [], [], []
+        for batch in progress_bar(captions, enabled=progress, desc=f"encode {split} captions", leave=False):
+            with autocast_context(device):
+                feats = model.encode_texts(to_device(batch, device))
+            txt_parts.append(_check_feats(feats, "encode_texts", method))
+            query_pids.append(batch["pids"])
+            query_image.append(batch["image_index"])
+            texts.extend(batch["captions"])
+    finally:
+        model.train(was_training)
+    return Encoded(split=split, image_feats=_concat(img_parts), text_feats=_concat(txt_parts),
+                   query_pids=torch.cat(query_pids), gallery_pids=torch.cat(gallery_pids),
+                   image_paths=list(images.dataset.paths), captions=texts,
+                   query_image_index=torch.cat(query_image))
+
+
+def encode(model: torch.nn.Module, dataset: TBPSDataset, split: str, tokenizer: CaptionTokenizer, cfg: Any,
+           device: torch.device | None = None, progress: bool = False) -> Encoded:
+    """Encode the gallery (every image of ``split``) and the queries (every caption) with ``model``.
+
+    Eval mode, batches of ``cfg.eval.batch_size``, bf16 autocast on CUDA, no gradients; the model's
+    training mode is restored afterwards.
+    """
+    device = device or next(model.parameters()).device
+    images, captions = build_eval_loaders(dataset, split, cfg, tokenizer, pin_memory=device.type == "cuda")
+    return encode_loaders(model, images, captions, split, device, progress)
+
+
+def _feats_on(feats: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in feats.items()}
+
+
+@torch.no_grad()
+def similarity(model: torch.nn.Module, encoded: Encoded, chunk_size: int | None = None) -> Tensor:
+    """[n_queries, n_gallery] text-to-image scores from ``model.similarity`` (on the model's device)."""
+    device = next(model.parameters()).device
+    chunk_size = chunk_size or _cfg_chunk(model)
+    sim = model.similarity(_feats_on(encoded.image_feats, device), _feats_on(encoded.text_feats, device),
+                           chunk_size=chunk_size)
+    expected = (encoded.n_queries, encoded.n_gallery)
+    if tuple(sim.shape) != expected:
+        raise ValueError(f"{type(model).__name__}.similarity returned shape {tuple(sim.shape)}, "
+                         f"expected [n_texts, n_images] = {list(expected)}")
+    return sim
+
+
+def _cfg_chunk(model: torch.nn.Module) -> int:
+    cfg = getattr(model, "cfg", None)
+    return int(getattr(getattr(cfg, "eval", None), "chunk_size", 1024))
+
+
+def _global(feats: Mapping[str, Tensor], what: str, device: torch.device) -> Tensor:
+    if "global" not in feats:
+        raise ValueError(f"re-ranking needs a 'global' {what} embedding; the model returns {sorted(feats)}")
+    return F.normalize(feats["global"].to(device).float(), dim=-1)
+
+
+def _chunked_cosine(a: Tensor, b: Tensor, chunk_size: int) -> Tensor:
+    return torch.cat([a[i:i + chunk_size] @ b.T for i in range(0, a.shape[0], chunk_size)])
+
+
+def rerank_similarity(model: torch.nn.Module, encoded: Encoded, sim: Tensor, method: str,
+                      params: Mapping[str, Any] | None = None, chunk_size: int | None = None) -> Tensor:
+    """Re-ranked text-to-image scores: ``method`` is ``visual_neighbors`` or ``k_reciprocal``;
+    ``params`` go to the function of ``tbps_lib.engine.rerank`` (k, weight / k1, k2, lambda_value)."""
+    if method not in RERANKERS:
+        raise ValueError(f"unknown re-ranking {method!r}; choose one of {list(RERANKERS)} or None")
+    params = dict(params or {})
+    chunk_size = chunk_size or _cfg_chunk(model)
+    img = _global(encoded.image_feats, "image", sim.device)
+    image_image = _chunked_cosine(img, img, chunk_size)
+    if method == "visual_neighbors":
+        return rerank_lib.visual_neighbors(sim, image_image, **params)
+    txt = _global(encoded.text_feats, "text", sim.device)
+    text_text = _chunked_cosine(txt, txt, chunk_size)
+    scale = sim.abs().max().clamp(min=1.0)  # k_reciprocal assumes cosine scores in [-1, 1]
+    return rerank_lib.k_reciprocal(sim / scale, text_text, image_image, **params)
+
+
+def evaluate(model: torch.nn.Module, encoded: Encoded, rerank: str | None = None,
+             rerank_params: Mapping[str, Any] | None = None, chunk_size: int | None = None,
+             ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+    """R1/R5/R10/mAP/mINP (percent) of text-to-image retrieval on ``encoded``.
+
+    ``rerank``: None, ``"visual_neighbors"`` or ``"k_reciprocal"`` (see the module docstring);
+    ``chunk_size``: text rows per similarity chunk (default ``model.cfg.eval.chunk_size``).
+    """
+    sim = similarity(model, encoded, chunk_size)
+    if rerank is not None:
+        sim = rerank_similarity(model, encoded, sim, rerank, rerank_params, chunk_size)
+    return rank_metrics(sim, encoded.query_pids, encoded.gallery_pids, ks=tuple(ks))
+
+
+__all__ = ["RERANKERS", "Encoded", "autocast_context", "to_device", "encode_loaders", "encode", "similarity",
+           "rerank_similarity", "evaluate"]

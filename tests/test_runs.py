@@ -1,0 +1,235 @@
+"""The run registry: train once then load, resume, cached embeddings, listing, and two processes at once."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tbps_lib.config import Config, config_hash
+from tbps_lib.engine import runs
+from tbps_lib.engine.runs import RunError, list_runs, load_run, resolve_config, train_or_load
+from tbps_lib.engine.trainer import ResumeError, fit
+from test_trainer import _toy_registered, register_toy, toy_config, write_toy_dataset  # noqa: F401
+
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_toy_dataset(tmp_path_factory.mktemp("runs") / "data")
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One finished toy run, shared by the read-only tests below."""
+    root = tmp_path_factory.mktemp("registry")
+    return train_or_load(toy_config(data), runs_dir=root, progress=False, device="cpu"), root
+
+
+def test_train_once_then_load(trained, data):
+    run, root = trained
+    assert run.trained_now and run.status == "done"
+    assert run.dir == root / f"toy-{config_hash(run.config)}"
+    again = train_or_load(toy_config(data), runs_dir=root, progress=False, device="cpu")
+    assert not again.trained_now and again.dir == run.dir and again.metrics == run.metrics
+    assert sorted(p.name for p in run.dir.iterdir() if not p.name.startswith(".")) == [
+        "best.pt", "config.json", "history.jsonl", "last.pt", "metrics.json", "tokenizer"]
+
+
+def test_metrics_carry_provenance(trained):
+    run, _ = trained
+    m = run.metrics
+    assert m["method"] == "toy" and m["config_hash"] == config_hash(run.config) and m["preset"] == "smoke"
+    assert m["seed"] == 0 and m["device"].startswith("cpu") and m["library_version"]
+    assert m["init"] == {"image": "random", "text": "random"} and m["dataset_notes"] == []
+    assert m["selected"]["select_metric"] == "R1" and m["val"]["split"] == "val" and m["test"]["split"] == "test"
+    assert m["wall_time_s"] > 0 and set(METRICS) <= set(m["test"])
+    assert run.provenance("test")["split"] == "test"
+
+
+def test_history_is_a_dataframe_per_epoch(trained):
+    history = trained[0].history
+    assert isinstance(history, pd.DataFrame) and history["epoch"].tolist() == [1, 2, 3]
+    assert {"itc", "align", "loss", "lr", "val_R1", "time_s"} <= set(history.columns)
+
+
+def test_model_holds_the_selected_weights_and_reproduces_test_metrics(trained):
+    run, _ = trained
+    best = torch.load(run.dir / "best.pt", weights_only=True)
+    assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in best["model"].items())
+    assert not run.model.training
+    again = run.evaluate("test")
+    assert again == pytest.approx({k: run.metrics["test"][k] for k in METRICS}, abs=1e-9)
+
+
+def test_embeddings_are_cached_on_disk(trained, monkeypatch):
+    run, _ = trained
+    encoded = run.embeddings("val")
+    assert (run.dir / "embeddings" / "val.pt").is_file()
+    assert encoded.n_gallery == 12 and encoded.n_queries == 24 and encoded.image_feats["global"].shape == (12, 16)
+
+    def no_encode(*args, **kwargs):
+        raise AssertionError("the cached embeddings should have been used")
+
+    monkeypatch.setattr(runs, "encode", no_encode)
+    fresh = load_run(run.dir, device="cpu")
+    cached = fresh.embeddings("val")
+    assert torch.equal(cached.text_feats["global"], encoded.text_feats["global"])
+    assert cached.captions == encoded.captions and torch.equal(cached.query_pids, encoded.query_pids)
+
+
+def test_reranked_evaluation(trained):
+    run, _ = trained
+    plain = run.evaluate("test")
+    for method in ("visual_neighbors", "k_reciprocal"):
+        reranked = run.evaluate("test", rerank=method)
+        assert set(reranked) == set(plain) and all(0 <= v <= 100 for v in reranked.values())
+    with pytest.raises(ValueError, match="unknown re-ranking 'nafs'"):
+        run.evaluate("test", rerank="nafs")
+
+
+def test_list_runs(trained, tmp_path):
+    run, root = trained
+    table = list_runs(root)
+    row = table.set_index("hash").loc[config_hash(run.config)]
+    assert row["method"] == "toy" and row["status"] == "done" and row["preset"] == "smoke"
+    assert row["R1"] == run.metrics["test"]["R1"] and row["dir"] == str(run.dir)
+    assert list_runs(tmp_path / "empty").empty
+
+
+def test_interrupted_run_is_resumed(data, tmp_path, trained):
+    cfg = toy_config(data)
+    ds = runs.prepare_dataset(cfg)
+    run_dir = tmp_path / runs.run_name(resolve_config(cfg, ds))
+    tokenizer = runs._prepare_folder(run_dir, cfg, ds)
+    from tbps_lib.models.registry import build_model
+    from tbps_lib.utils import seed_everything
+
+    seed_everything(cfg.seed)
+    fit(build_model(cfg), ds, tokenizer, cfg, run_dir, progress=False, stop_after_steps=9)
+    assert [r["status"] for r in list_runs(tmp_path).to_dict("records")] == ["partial"]
+    with pytest.raises(RunError, match="has not finished training"):
+        _ = load_run(run_dir, device="cpu").metrics
+    resumed = train_or_load(cfg, runs_dir=tmp_path, progress=False, device="cpu")
+    assert resumed.trained_now and resumed.dir == run_dir
+    assert {k: resumed.metrics["test"][k] for k in METRICS} == {k: trained[0].metrics["test"][k] for k in METRICS}
+
+
+def test_val_holdout_note_reaches_the_metrics(tmp_path):
+    root = write_toy_dataset(tmp_path / "icfg_like", splits=("train", "test"))
+    cfg = toy_config(root, **{"optim.max_steps": 2})
+    run = train_or_load(cfg, runs_dir=tmp_path / "runs", progress=False, device="cpu")
+    assert any("held out as 'val'" in note for note in run.metrics["dataset_notes"])
+
+
+def test_weights_that_do_not_fit_the_model_are_a_clear_error(trained, tmp_path):
+    run, _ = trained
+    copy = tmp_path / run.name
+    shutil.copytree(run.dir, copy)
+    best = torch.load(copy / "best.pt", weights_only=True)
+    best["model"]["image_head.weight"] = torch.zeros(3, 3)  # as if the model code had changed since
+    torch.save(best, copy / "best.pt")
+    with pytest.raises(ResumeError, match=r"best\.pt do not fit the ToyModel .*image_head\.weight"):
+        _ = load_run(copy, device="cpu").model
+
+
+def test_load_run_errors_name_the_folder(tmp_path):
+    with pytest.raises(RunError, match=r"not a run folder: .*config\.json does not exist"):
+        load_run(tmp_path)
+
+
+@dataclass(frozen=True)
+class _WithClasses:
+    num_classes: int = 0
+
+
+def test_resolve_config_fills_num_classes(data):
+    ds = runs.prepare_dataset(toy_config(data))
+    cfg = Config(method="x", model=_WithClasses())
+    assert resolve_config(cfg, ds).model.num_classes == 30
+    assert resolve_config(Config(method="x", model=_WithClasses(7)), ds).model.num_classes == 7
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two processes asking for the same run
+
+
+def _ask(data: str, root: str, out: str) -> None:
+    torch.set_num_threads(1)
+    register_toy()
+    run = train_or_load(toy_config(Path(data)), runs_dir=root, progress=False, device="cpu")
+    Path(out).write_text(json.dumps({"trained": run.trained_now, "test": run.metrics["test"]}))
+
+
+def test_two_processes_share_one_run(data, tmp_path):
+    cfg = toy_config(data)
+    run_dir = tmp_path / "runs" / runs.run_name(resolve_config(cfg, runs.prepare_dataset(cfg)))
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_ask, args=(str(data), str(tmp_path / "runs"), str(tmp_path / f"{i}.json")))
+             for i in range(2)]
+    with runs.run_lock(run_dir):  # hold the run: both processes must queue behind the lock
+        for p in procs:
+            p.start()
+        time.sleep(1.0)
+        assert all(p.is_alive() for p in procs) and not (run_dir / "config.json").exists()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    assert sorted(r["trained"] for r in results) == [False, True]  # one trained, the other waited and loaded
+    assert results[0]["test"] == results[1]["test"]
+    assert len((run_dir / "history.jsonl").read_text().splitlines()) == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# The small helpers the registry relies on (tbps_lib.utils)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from tbps_lib.utils import atomic_write, atomic_write_json
+
+    target = atomic_write_json(tmp_path / "m.json", {"R1": 1.0})
+
+    def crash(tmp: Path) -> None:
+        tmp.write_text("{half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, crash)
+    assert json.loads(target.read_text()) == {"R1": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary file left behind
+    assert (target.stat().st_mode & 0o044) == (0o644 & ~_umask() & 0o044)  # not owner-only
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_progress_bars_follow_tbps_progress(monkeypatch):
+    from tbps_lib.utils import progress
+
+    monkeypatch.setenv("TBPS_PROGRESS", "0")
+    assert progress(range(3)).disable
+    monkeypatch.setenv("TBPS_PROGRESS", "1")
+    assert not progress(range(3), file=open(os.devnull, "w")).disable
+    assert progress(range(3), enabled=False).disable
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_select_device_refuses_missing_cuda(monkeypatch):
+    from tbps_lib.utils import select_device
+
+    assert select_device() == torch.device("cpu")
+    monkeypatch.setenv("TBPS_DEVICE", "cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        select_device()
