@@ -51,7 +51,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -59,6 +58,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from tbps_lib.utils import atomic_write_text
 
 IGNORE_INDEX = -100
 """Label of positions that are not masked (ignored by `torch.nn.functional.cross_entropy`)."""
@@ -169,8 +170,8 @@ class CaptionTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": _META_VERSION, "max_length": self.max_length,
                 "special_tokens": self.special_tokens, "source": self.source}
-        _write_atomic(directory / TOKENIZER_FILE, self._backend.to_str())
-        _write_atomic(directory / META_FILE, json.dumps(meta, indent=2))
+        atomic_write_text(directory / TOKENIZER_FILE, self._backend.to_str())
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
         return directory
 
     @classmethod
@@ -338,18 +339,6 @@ def _token_word_ids(text: str, offsets: Sequence[tuple[int, int]], row: int) -> 
                              f"of {text!r}")
         out.append(w)
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
