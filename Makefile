@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 ## The whole test suite: unit tests and the notebooks (smoke mode, under nbval).
 test: $(STAMP)
-	TBPS_MODE=smoke TBPS_PROGRESS=0 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests $(wildcard notebooks)
+	TBPS_MODE=smoke TBPS_PROGRESS=0 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests $(wildcard notebooks)
 
 test-units: $(STAMP)
 	$(PY) -m pytest -n 2 tests
