@@ -252,10 +252,16 @@ def make_config(method: str, preset: str = "smoke", dataset: str | None = None,
 
 # The smoke preset every method starts from: small encoders, the synthetic benchmark, a few CPU minutes.
 # A method's own smoke preset adds or changes fields on top of this.
+#
+# Why a CNN and a bi-GRU: from random initialisation (no weights can be downloaded), the small ViT and
+# BERT collapse to nearly input-independent features on this data and stay at chance for hundreds of
+# steps (measured: baseline val R@1 under 7% after 4 epochs, against 24% after 3 epochs for this pair);
+# the convolutional and recurrent encoders learn colours and garment words within an epoch or two. The
+# paper presets keep the papers' ViT/Swin/ResNet-50 + BERT backbones, which start from pretrained weights.
 SMOKE_DEFAULTS: dict[str, Any] = {
-    "image.arch": "vit_smoke",
+    "image.arch": "resnet_smoke",
     "image.img_size": (128, 64),
-    "text.arch": "bert_smoke",
+    "text.arch": "bigru_smoke",
     "text.max_length": 64,
     "text.vocab_size": 2000,
     "embed_dim": 256,
@@ -266,6 +272,6 @@ SMOKE_DEFAULTS: dict[str, Any] = {
     "optim.lr": 1e-3,
     "optim.schedule": "cosine",
     "optim.warmup_epochs": 1.0,
-    "optim.epochs": 8,
-    "eval.every": 2,
+    "optim.epochs": 5,
+    "eval.every": 1,
 }
