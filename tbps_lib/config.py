@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 MODES = ("smoke", "paper")
+# The checkout the package is installed from (editable install): runs/ and figures/ live here, so the
+# notebooks (which run inside notebooks/) and the command line share one run registry.
+WORKBOOK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_runs_dir() -> Path:
+    """``$TBPS_RUNS`` if set, else ``runs/`` at the workbook's root."""
+    return Path(os.environ.get("TBPS_RUNS") or WORKBOOK_ROOT / "runs").expanduser()
 
 
 @dataclass(frozen=True)
@@ -23,12 +32,12 @@ class NotebookParams:
 
 def notebook_params() -> NotebookParams:
     """Read ``TBPS_MODE`` (smoke|paper, default smoke), ``TBPS_DATA`` (dataset name, ``synthetic:<preset>``
-    or a folder; default ``synthetic:cuhk-like``) and ``TBPS_RUNS`` (default ``runs``)."""
+    or a folder; default ``synthetic:cuhk-like``) and ``TBPS_RUNS`` (default ``runs/`` at the workbook root)."""
     mode = os.environ.get("TBPS_MODE", "smoke").strip().lower()
     if mode not in MODES:
         raise ValueError(f"TBPS_MODE must be one of {MODES}, got {mode!r}")
     data = os.environ.get("TBPS_DATA", "synthetic:cuhk-like").strip()
-    runs = os.environ.get("TBPS_RUNS", "runs").strip()
+    runs = str(default_runs_dir())
     return NotebookParams(mode=mode, data=data, runs=runs)
 
 

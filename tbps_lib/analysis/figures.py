@@ -6,11 +6,13 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from tbps_lib.config import WORKBOOK_ROOT
+
 
 def figures_dir() -> Path:
     """``$TBPS_FIGURES`` if set, else ``figures/`` at the repository root (next to ``tbps_lib/``)."""
     env = os.environ.get("TBPS_FIGURES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "figures"
+    return Path(env) if env else WORKBOOK_ROOT / "figures"
 
 
 def save_figure(fig: Figure, name: str, dpi: int = 150) -> list[Path]:

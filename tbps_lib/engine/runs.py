@@ -22,7 +22,6 @@ import dataclasses
 import fcntl
 import importlib.metadata
 import json
-import os
 import platform
 from contextlib import contextmanager
 from functools import cached_property
@@ -32,7 +31,7 @@ from typing import Any, Iterator, Mapping
 import pandas as pd
 import torch
 
-from tbps_lib.config import Config, config_diff, config_from_dict, config_hash, config_to_dict
+from tbps_lib.config import Config, config_diff, config_from_dict, config_hash, config_to_dict, default_runs_dir
 from tbps_lib.data.formats import TBPSDataset
 from tbps_lib.data.loaders import build_tokenizer, prepare_dataset, train_captions
 from tbps_lib.data.text import CaptionTokenizer
@@ -41,7 +40,6 @@ from tbps_lib.engine.evaluate import Encoded, encode, evaluate
 from tbps_lib.models.registry import build_model
 from tbps_lib.utils import atomic_torch_save, atomic_write_json, read_jsonl, seed_everything, select_device
 
-RUNS_ENV = "TBPS_RUNS"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 TOKENIZER_DIR = "tokenizer"
@@ -64,8 +62,8 @@ def library_version() -> str:
 
 
 def runs_root(runs_dir: str | Path | None = None) -> Path:
-    """The registry root: ``runs_dir``, else ``$TBPS_RUNS``, else ``runs`` (relative to the cwd)."""
-    return Path(runs_dir or os.environ.get(RUNS_ENV) or "runs").expanduser()
+    """The registry root: ``runs_dir``, else ``$TBPS_RUNS``, else ``runs/`` at the workbook root."""
+    return Path(runs_dir).expanduser() if runs_dir else default_runs_dir()
 
 
 def run_name(cfg: Config) -> str:
@@ -319,5 +317,5 @@ def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-__all__ = ["RUNS_ENV", "RunError", "runs_root", "run_name", "resolve_config", "run_lock", "Run", "load_run",
+__all__ = ["RunError", "runs_root", "run_name", "resolve_config", "run_lock", "Run", "load_run",
            "train_or_load", "list_runs"]
