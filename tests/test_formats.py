@@ -179,3 +179,13 @@ def test_cli_inspect_bad_input_is_one_clear_line(tmp_path, capsys, key, value, m
     assert err.startswith("tbps: error:") and message in err and "Traceback" not in err
     assert main(["data", "inspect", "--dataset", "cuhk-pedes", "--root", str(root), "--lenient"]) == 0
     assert "skipped 1" in capsys.readouterr().out
+
+
+def test_duplicate_ids_across_splits(tmp_path):
+    from tbps_lib.data.formats import duplicate_ids_across_splits
+
+    entries = official_entries("cuhk-pedes")
+    assert duplicate_ids_across_splits(load_dataset("cuhk-pedes", write_dataset("cuhk-pedes", tmp_path / "a", entries))) == {}
+    entries[-1]["id"] = 1  # a test image of training person 1
+    ds = load_dataset("cuhk-pedes", write_dataset("cuhk-pedes", tmp_path / "b", entries))
+    assert duplicate_ids_across_splits(ds) == {1: ["test", "train"]}

@@ -335,8 +335,16 @@ def split_counts(ds: TBPSDataset) -> dict[str, dict[str, int]]:
     return dict(counts)
 
 
+def duplicate_ids_across_splits(ds: TBPSDataset) -> dict[int, list[str]]:
+    """Person ids that occur in more than one split (the protocol wants disjoint identities)."""
+    where: dict[int, set[str]] = defaultdict(set)
+    for r in ds.records:
+        where[r.pid].add(r.split)
+    return {pid: sorted(s) for pid, s in where.items() if len(s) > 1}
+
+
 __all__ = [
     "SPLITS", "DatasetError", "Record", "LoadReport", "TBPSDataset", "read_cuhk_pedes", "read_icfg_pedes",
     "read_rstpreid", "read_synthetic", "READERS", "detect_format", "load_dataset", "hold_out_validation",
-    "caption_pairs", "split_counts",
+    "caption_pairs", "split_counts", "duplicate_ids_across_splits",
 ]
