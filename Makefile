@@ -31,7 +31,7 @@ test-notebooks: $(STAMP)
 ## The main job: execute every notebook headless in smoke mode, regenerating figures/ and tables.
 reproduce: $(STAMP)
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
-	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} ../$(VENV)/bin/jupyter nbconvert --to notebook \
+	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
 	    --execute --inplace --ExecutePreprocessor.timeout=3600 $$nb || exit 1; done
 
 lab: $(STAMP)
