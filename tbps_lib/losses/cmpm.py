@@ -86,7 +86,12 @@ def cmpc_loss(image: Tensor, text: Tensor, labels: Tensor, weight: Tensor) -> Te
     if weight.dim() != 2 or weight.shape[1] != image.shape[1]:
         raise ValueError(f"cmpc_loss: classifier weight must be [C, {image.shape[1]}], got {tuple(weight.shape)}")
     w = F.normalize(weight, dim=1)
-    text_n, image_n = F.normalize(text, dim=1), F.normalize(image, dim=1)
-    image_proj = (image * text_n).sum(dim=1, keepdim=True) * text_n  # xhat_i, Eq. (9) of the Sew paper
-    text_proj = (text * image_n).sum(dim=1, keepdim=True) * image_n
+    image_proj, text_proj = cross_projections(image, text)
     return F.cross_entropy(image_proj @ w.T, labels) + F.cross_entropy(text_proj @ w.T, labels)
+
+
+def cross_projections(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image feature projected on its pair's normalised text feature, and the text-side twin:
+    xhat_i = (x_i^T zbar_i) zbar_i and zhat_i = (z_i^T xbar_i) xbar_i (CMPC; Eq. (9) of the Sew paper)."""
+    text_n, image_n = F.normalize(text, dim=1), F.normalize(image, dim=1)
+    return (image * text_n).sum(dim=1, keepdim=True) * text_n, (text * image_n).sum(dim=1, keepdim=True) * image_n
