@@ -30,6 +30,7 @@ from tbps_lib.data import synthetic_captions as captions
 from tbps_lib.data.synthetic_attributes import SLOTS, sample_identities
 from tbps_lib.data.synthetic_render import MASK_PALETTE, PART_LABELS, render_image
 from tbps_lib.data.synthetic_scene import CameraSetup, make_cameras, stable_seed
+from tbps_lib.utils import progress as progress_bar
 
 SIDECAR = "synthetic_meta.json"
 SIDECAR_VERSION = 1
@@ -236,12 +237,6 @@ def _results(jobs: list[dict[str, Any]], ctx: dict[str, Any], workers: int) -> I
         yield from pool.imap(_work, jobs, chunksize=16)
 
 
-def _progress_enabled(progress: bool | None) -> bool:
-    if progress is None:
-        return os.environ.get("TBPS_PROGRESS", "1") not in ("0", "false", "no")
-    return progress
-
-
 def generate(preset: str, out: str | Path, seed: int = 0, ids: int | None = None,
              size: tuple[int, int] = (128, 64), difficulty: float | None = None, progress: bool = True,
              workers: int | None = None) -> Path:
@@ -264,7 +259,7 @@ def generate(preset: str, out: str | Path, seed: int = 0, ids: int | None = None
     ctx = {"preset": p.name, "seed": seed, "size": size, "cameras": make_cameras(p.cameras, p.name)}
     workers = workers or min(8, os.cpu_count() or 1)
     annotations, images = [], {}
-    bar = _bar(len(jobs), f"synthetic {p.name}", bool(progress) and _progress_enabled(None))
+    bar = progress_bar(total=len(jobs), desc=f"synthetic {p.name}", unit="img", leave=False, enabled=bool(progress))
     for job, res in zip(jobs, _results(jobs, ctx, workers)):
         rel = file_name(job)
         for folder, key in (("imgs", "image"), ("masks", "mask")):
@@ -282,12 +277,6 @@ def generate(preset: str, out: str | Path, seed: int = 0, ids: int | None = None
     (out / "reid_raw.json").write_text(json.dumps(annotations) + "\n", encoding="utf-8")
     (out / SIDECAR).write_text(json.dumps(meta) + "\n", encoding="utf-8")  # written last: marks completion
     return out
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,7 +325,7 @@ def ensure_synthetic(preset: str, seed: int = 0, ids: int | None = None, size: t
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         generate(preset, tmp, seed=seed, ids=ids, size=size, difficulty=difficulty,
-                 progress=_progress_enabled(progress))
+                 progress=True if progress is None else progress)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary readable folder
         try:
             os.rename(tmp, final)
