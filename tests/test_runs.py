@@ -86,6 +86,18 @@ def test_embeddings_are_cached_on_disk(trained, monkeypatch):
     assert cached.captions == encoded.captions and torch.equal(cached.query_pids, encoded.query_pids)
 
 
+def test_cross_domain_evaluation_uses_the_other_dataset_and_its_own_cache(trained, tmp_path):
+    run, _ = trained
+    other = write_toy_dataset(tmp_path / "other", n_test=4, seed=3)
+    encoded = run.embeddings("test", dataset=str(other))
+    assert encoded.n_gallery == 8 and encoded.n_queries == 16  # the other dataset's 4 test persons x 2 images
+    cached = list((run.dir / "embeddings").glob("*/test.pt"))
+    assert len(cached) == 1 and cached[0].parent.name != "test"
+    assert run.embeddings("test").n_gallery == 12  # the run's own test split is untouched
+    metrics = run.evaluate("test", dataset=str(other))
+    assert set(METRICS) <= set(metrics) and metrics != run.evaluate("test")
+
+
 def test_reranked_evaluation(trained):
     run, _ = trained
     plain = run.evaluate("test")

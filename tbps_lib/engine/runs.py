@@ -23,6 +23,7 @@ import fcntl
 import importlib.metadata
 import json
 import platform
+import re
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -176,27 +177,48 @@ class Run:
         best = trainer.load_checkpoint(self.dir / trainer.BEST)
         return {"epoch": int(best["epoch"]), "step": int(best["step"])}
 
-    def embeddings(self, split: str = "test", progress: bool = False) -> Encoded:
+    def other_dataset(self, spec: str, root: str | None = None) -> TBPSDataset:
+        """Another dataset prepared as this run's would be (same validation hold-out), for cross-domain
+        evaluation: ``spec`` is a dataset spec like ``cfg.data.dataset`` (e.g. ``"synthetic:icfg-like"``)."""
+        key = (spec, root)
+        cache = self.__dict__.setdefault("_other_datasets", {})
+        if key not in cache:
+            data = dataclasses.replace(self.config.data, dataset=spec, root=root)
+            cache[key] = prepare_dataset(dataclasses.replace(self.config, data=data))
+        return cache[key]
+
+    def embeddings(self, split: str = "test", progress: bool = False, dataset: str | None = None,
+                   root: str | None = None) -> Encoded:
         """The model's encoding of ``split`` (gallery images and query captions), cached on disk.
 
+        ``dataset`` (a spec, with ``root`` for real data) encodes another dataset's split with this run's
+        model and tokenizer (cross-domain evaluation, Sew Table 6); by default the run's own dataset.
         The cache is tied to the selected checkpoint and to the split's size; either changing recomputes it.
         """
-        path = self.dir / EMBEDDINGS_DIR / f"{split}.pt"
+        own = dataset is None or (dataset == self.config.data.dataset and root == self.config.data.root)
+        ds = self.dataset if own else self.other_dataset(dataset, root)
+        folder = self.dir / EMBEDDINGS_DIR
+        if not own:
+            folder = folder / re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}@{root or ''}")
+        path = folder / f"{split}.pt"
         ckpt = self._checkpoint_id()
-        records = self.dataset.split(split)
+        records = ds.split(split)
         sizes = {"images": len(records), "captions": sum(len(r.captions) for r in records)}
         if path.is_file():
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if cached.get("checkpoint") == ckpt and cached.get("sizes") == sizes:
                 return Encoded.from_state(cached["encoded"])
-        encoded = encode(self.model, self.dataset, split, self.tokenizer, self.config, self.device, progress)
+        encoded = encode(self.model, ds, split, self.tokenizer, self.config, self.device, progress)
         atomic_torch_save({"checkpoint": ckpt, "sizes": sizes, "encoded": encoded.to_state()}, path)
         return encoded
 
     def evaluate(self, split: str = "test", rerank: str | None = None,
-                 rerank_params: Mapping[str, Any] | None = None) -> dict[str, float]:
-        """R1/R5/R10/mAP/mINP of ``split`` with the selected model, optionally re-ranked."""
-        return evaluate(self.model, self.embeddings(split), rerank=rerank, rerank_params=rerank_params)
+                 rerank_params: Mapping[str, Any] | None = None, dataset: str | None = None,
+                 root: str | None = None) -> dict[str, float]:
+        """R1/R5/R10/mAP/mINP of ``split`` with the selected model, optionally re-ranked; ``dataset`` /
+        ``root`` evaluate on another dataset's split (see :meth:`embeddings`)."""
+        return evaluate(self.model, self.embeddings(split, dataset=dataset, root=root), rerank=rerank,
+                        rerank_params=rerank_params)
 
     def provenance(self, split: str | None = None) -> dict[str, Any]:
         """Where a number comes from: the provenance fields of ``metrics.json`` (plus ``split``)."""

@@ -19,27 +19,42 @@ if TYPE_CHECKING:  # pragma: no cover
 METHOD_MODULES = ("baseline", "sew_mcm", "part_level", "acsa", "laip", "dssl")
 
 PresetFn = Callable[[str], Mapping[str, Any]]
+PaperRowFn = Callable[[Mapping[str, str], str], Mapping[str, Any]]
+
+
+class NotReproducible(ValueError):
+    """A paper row that the workbook cannot run in the asked preset (the message says why)."""
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its model class, its config class and its presets by name."""
+    """A registered method: its model class, its config class, its presets by name and, optionally, how
+    the rows of its paper's ablation tables map to configs.
+
+    ``paper_rows(flags, preset)`` takes the ``config`` flags of a row of ``tbps_lib/reported/<paper>.csv``
+    (parsed into a dict, e.g. ``{"sew_margin": "adaptive", "mcm": "1"}``) and the preset name, and returns
+    the dotted config changes that make that row (given to ``make_config``); it raises
+    :class:`NotReproducible` for a row that cannot be run in that preset.
+    """
 
     name: str
     model_cls: type
     config_cls: type
     presets: Mapping[str, PresetFn]
+    paper_rows: PaperRowFn | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn]) -> Callable[[type], type]:
-    """Class decorator: register ``model_cls`` as method ``name`` with its config class and presets."""
+def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn],
+                    paper_rows: PaperRowFn | None = None) -> Callable[[type], type]:
+    """Class decorator: register ``model_cls`` as method ``name`` with its config class, presets and
+    (optionally) the mapping of its paper's table rows to configs (see :class:`MethodSpec`)."""
     def deco(model_cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].model_cls is not model_cls:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets))
+        _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets), paper_rows)
         return model_cls
     return deco
 
