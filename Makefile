@@ -33,6 +33,7 @@ reproduce: $(STAMP)
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
 	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
 	    --execute --inplace --ExecutePreprocessor.timeout=3600 $$nb || exit 1; done
+	$(VENV)/bin/tbps tables --out results/ --preset $${TBPS_MODE:-smoke} --readme README.md
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

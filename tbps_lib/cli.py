@@ -118,6 +118,53 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _roots(pairs: Sequence[str]) -> dict[str, str]:
+    """``--root NAME=FOLDER`` arguments (paper dataset names, e.g. CUHK-PEDES=/data/CUHK-PEDES) as a dict."""
+    roots: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"--root expects NAME=FOLDER (e.g. CUHK-PEDES=/data/CUHK-PEDES), got {pair!r}")
+        roots[name.strip()] = folder.strip()
+    return roots
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    """Write the papers' tables (reported + reproduced from the run registry) and the leaderboard as Markdown
+    and CSV; optionally rewrite the README's generated section. Never trains."""
+    import shlex
+
+    from tbps_lib.analysis.results import check_readme, readme_section, update_readme, write_results
+    from tbps_lib.analysis.tables import compact
+
+    if args.readme:
+        check_readme(args.readme)  # before the work, so a README without markers fails fast
+    command = ["tbps", "tables", "--out", args.out, "--preset", args.preset]
+    command += ["--papers", *args.papers] if args.papers else []
+    command += [x for pair in args.root for x in ("--root", pair)]
+    command += ["--readme", args.readme] if args.readme else []
+    res = write_results(args.out, preset=args.preset, papers=args.papers, runs_dir=args.runs,
+                        roots=_roots(args.root), board_data=args.leaderboard_data, command=shlex.join(command),
+                        n_queries=args.queries, device=args.device)
+    if args.readme:
+        update_readme(args.readme, readme_section(res, args.out, args.leaderboard_data))
+    fmt = lambda v: f"{v:.2f}"  # noqa: E731
+    print(res.header)
+    print("\nrows per status:\n" + res.counts.to_string())
+    print("\nsign agreement (R1):\n" + res.signs.to_string(float_format=lambda v: f"{v:.1f}"))
+    measured = [f for frames in res.tables.values() for f in frames.values()
+                if f is not None and (f["status"] == "measured").any()]
+    for frame in measured:
+        print(f"\n{frame.attrs['paper']} Table {frame.attrs['table']} (measured rows):")
+        rows = compact(frame)[frame["status"] == "measured"].drop(columns=["status", "reason"])
+        print(rows.to_string(index=False, float_format=fmt, na_rep="-"))
+    print(f"\nleaderboard ({args.leaderboard_data}):")
+    print(res.board.drop(columns=["preset", "reason", "train_device"]).to_string(index=False, float_format=fmt,
+                                                                                 na_rep="-"))
+    print(f"\nwrote {len(res.files)} files under {args.out}" + (f"; updated {args.readme}" if args.readme else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tbps", description="Text-based person search workbook.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
     p.add_argument("--json", action="store_true", help="print the table as JSON records")
     p.set_defaults(func=cmd_runs_list)
+
+    p = sub.add_parser("tables", help="write the papers' tables (reported + reproduced) and the leaderboard")
+    p.add_argument("--out", default="results", help="output folder (default results)")
+    p.add_argument("--preset", default="smoke", choices=["smoke", "paper"],
+                   help="smoke: synthetic stand-ins for the papers' datasets; paper: the real datasets")
+    p.add_argument("--papers", nargs="+", default=None, metavar="PAPER",
+                   help="paper ids (sew_mcm part_level acsa laip dssl; default all)")
+    p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
+    p.add_argument("--root", action="append", default=[], metavar="NAME=FOLDER",
+                   help="folder of a real dataset for the paper preset, e.g. CUHK-PEDES=/data/CUHK-PEDES "
+                        "(default $TBPS_CUHK_PEDES_ROOT, $TBPS_ICFG_PEDES_ROOT, $TBPS_RSTPREID_ROOT)")
+    p.add_argument("--leaderboard-data", default="CUHK-PEDES",
+                   help="dataset of the leaderboard: a paper dataset name or a dataset spec (default CUHK-PEDES)")
+    p.add_argument("--queries", type=int, default=50, help="caption queries timed per method (default 50)")
+    p.add_argument("--readme", default=None, help="rewrite this README's generated section (between its markers)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... for evaluations (default $TBPS_DEVICE or auto)")
+    p.set_defaults(func=cmd_tables)
     return parser
 
 

@@ -1,9 +1,139 @@
-"""Paper tables: the reported numbers of :mod:`tbps_lib.reported` laid out as the papers print them."""
+"""Paper tables: the reported numbers of :mod:`tbps_lib.reported` as the papers print them, and the
+workbook's own numbers beside them.
+
+:func:`paper_table` lays out one table's reported numbers. :func:`reproduction_table` sets, for every row
+and dataset of the same table, the number the workbook measured next to the reported one, with the
+difference, where it comes from, and (for the steps listed in :data:`STEPS`) whether the workbook moves
+in the same direction as the paper. It only *reads* the run registry: it never trains. Evaluating a
+finished run is allowed (re-ranked and cross-domain rows are evaluated from the run's cached embeddings).
+
+Row -> run
+----------
+Each reported row is turned into a config by :func:`plan_row`:
+
+* ``config`` flags ``method=<paper id>`` (the paper's own rows in comparison tables): the method's default
+  config. ``rerank=1`` ("+R") evaluates that run re-ranked with :data:`RERANK` (NAFS-style visual
+  neighbours, as the papers describe it); ``image_pretrain=clip`` ("+C") is not reproducible: the workbook
+  has no CLIP weights and downloads nothing.
+* other ``config`` flags (ablation rows): ``MethodSpec.paper_rows(flags, preset)`` of the registered method
+  named like the paper gives the dotted config changes, or raises ``NotReproducible(reason)``. The flags
+  above (``method``, ``rerank``, ``image_pretrain``) are handled here and never passed to ``paper_rows``.
+* no ``config`` (another paper's method): rows whose label names a method the workbook implements
+  (:data:`WORKBOOK_LABELS`, e.g. ``CMPM+CMPC`` is the workbook's baseline, ``DSSL+R`` the dssl method
+  re-ranked) use that method's default config; every other row is "not implemented". So are the few rows
+  that carry ablation flags but belong to another method (:data:`OTHER_METHOD_ROWS`, ACSA's TIPCB rows).
+* a method that is not registered, or has no ``paper_rows`` for an ablation row: "not implemented".
+
+Datasets
+--------
+The papers' datasets map to the workbook's by preset: in ``smoke`` to the synthetic presets
+(:data:`SMOKE_DATA`), in ``paper`` to the real datasets (:data:`PAPER_DATA`), whose folders come from the
+``roots`` argument or the environment variables of :data:`ROOT_ENV` (``TBPS_CUHK_PEDES_ROOT``,
+``TBPS_ICFG_PEDES_ROOT``, ``TBPS_RSTPREID_ROOT``); a real dataset without a folder makes its rows "not
+reproducible" with that reason. A cross-domain column ``A->B`` (Sew Table 6) trains on A and evaluates
+the A-run on B's test split.
+
+Statuses (column ``status``)
+----------------------------
+``measured``, ``not run yet`` (the config is known but its run is not in the registry; column ``train``
+holds the command that trains it), ``not implemented``, ``not reproducible`` (column ``reason`` says why).
+No number is ever filled in for a row that was not measured.
+
+Sign agreement
+--------------
+:data:`STEPS` lists, per table, explicit comparison pairs ``(from row, to row, what changes)`` by the rows'
+printed order: for an ablation table, each component the paper adds or swaps, measured against the row
+the paper compares it with (e.g. Sew Table 4: Model 2, the ViT baseline, against Models 3-5; Model 6
+against Models 4 and 5); for comparison tables, the paper's own "+R" row against its plain row. A step
+*agrees* when the workbook's change of :data:`SIGN_METRIC` (R1) has the same sign as the paper's; a step
+with a row not measured, that the paper prints as no change (or leaves blank), or whose two rows resolve
+to the same run is not counted (:data:`UNCOUNTED`).
+"""
 from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from tbps_lib.reported import METRICS, MissingTableError, load_reported, table_info
+from tbps_lib.reported import (DATASETS, METRICS, PAPERS, MissingTableError, available_tables, load_reported,
+                               parse_config, table_info)
+
+STATUSES = ("measured", "not run yet", "not implemented", "not reproducible")
+SMOKE_DATA = {"CUHK-PEDES": "synthetic:cuhk-like", "ICFG-PEDES": "synthetic:icfg-like",
+              "RSTPReid": "synthetic:rstp-like"}
+"""Paper dataset -> the synthetic preset that stands in for it in the smoke preset."""
+PAPER_DATA = {"CUHK-PEDES": "cuhk-pedes", "ICFG-PEDES": "icfg-pedes", "RSTPReid": "rstpreid"}
+"""Paper dataset -> the reader of the real dataset (paper preset)."""
+ROOT_ENV = {"CUHK-PEDES": "TBPS_CUHK_PEDES_ROOT", "ICFG-PEDES": "TBPS_ICFG_PEDES_ROOT",
+            "RSTPReid": "TBPS_RSTPREID_ROOT"}
+"""Paper dataset -> the environment variable naming its folder (paper preset)."""
+RERANK = "visual_neighbors"
+"""The re-ranking of "+R" rows: NAFS-style visual neighbours, as the papers describe it."""
+SIGN_METRIC = "R1"
+UNCOUNTED = ("not measured", "same run", "paper: no change", "paper: not reported")
+"""Results of a step that is neither ``agree`` nor ``disagree`` (see :func:`step_result`)."""
+STEP_COLUMNS = ("paper", "table", "from", "to", "to_order", "what", "dataset", "metric", "paper Δ", "ours Δ",
+                "result")
+NON_CONFIG_FLAGS = ("method", "rerank", "image_pretrain")
+"""Row flags that are not config changes: handled by :func:`plan_row`, never passed to ``paper_rows``."""
+WORKBOOK_LABELS = {"CMPM+CMPC": "baseline", "CMPM/C": "baseline", "DSSL": "dssl", "ACSA": "acsa",
+                   "LAIP": "laip"}
+"""Labels of other papers' rows (citation and variant suffix removed) that name a workbook method."""
+OTHER_METHOD_ROWS = {("acsa", "VI"): {1: "TIPCB", 2: "TIPCB"}}
+"""Rows that carry ablation flags but belong to another paper's method: (paper, table) -> {order: name}."""
+
+# (from row, to row, what changes), by printed row order; see "Sign agreement" in the module docstring.
+STEPS: dict[tuple[str, str], tuple[tuple[int, int, str], ...]] = {
+    ("sew_mcm", "1"): ((27, 28, "re-ranking"), (29, 30, "re-ranking (CLIP)")),
+    ("sew_mcm", "2"): ((10, 11, "re-ranking"), (12, 13, "re-ranking (CLIP)")),
+    ("sew_mcm", "3"): ((8, 9, "re-ranking"), (10, 11, "re-ranking (CLIP)")),
+    ("sew_mcm", "4"): ((1, 2, "ResNet-50 -> ViT-B/16"), (2, 3, "+ Sew, fixed margin"),
+                       (2, 4, "+ Sew, adaptive margin"), (3, 4, "fixed -> adaptive margin"), (2, 5, "+ MCM"),
+                       (4, 6, "+ MCM on Sew-A"), (5, 6, "+ Sew-A on MCM")),
+    ("sew_mcm", "5"): ((1, 3, "+ caption modelling on mask"), (3, 4, "+ attention"),
+                       (2, 4, "+ mask and caption modelling on attention")),
+    ("sew_mcm", "6"): ((1, 2, "+ MCM"),),
+    ("part_level", "2"): ((1, 2, "+ coarse"), (2, 3, "+ fine"), (3, 4, "+ CMR")),
+    ("part_level", "3"): ((1, 2, "CMR on fine only"),),
+    ("part_level", "4"): ((1, 2, "separated -> shared decoder"),),
+    ("part_level", "5"): ((1, 2, "RN50 -> ViT-B/16"), (2, 4, "ViT-B/16 -> CLIP")),
+    ("part_level", "S2"): ((1, 2, "2 -> 4 coarse embeddings"), (2, 3, "4 -> 6 coarse embeddings")),
+    ("acsa", "I"): ((19, 20, "re-ranking"),),
+    ("acsa", "III"): ((1, 2, "Bi-LSTM -> BERT (ResNet50)"), (3, 4, "Bi-LSTM -> BERT (ViT)"),
+                      (5, 6, "Bi-LSTM -> BERT (Swin)"), (1, 3, "ResNet50 -> ViT (Bi-LSTM)"),
+                      (2, 4, "ResNet50 -> ViT (BERT)"), (3, 5, "ViT -> Swin (Bi-LSTM)"),
+                      (4, 6, "ViT -> Swin (BERT)")),
+    ("acsa", "IV"): ((1, 2, "six slices -> partition"),),
+    ("acsa", "V"): ((1, 2, "+ relation II"), (2, 4, "+ relation III"), (4, 3, "+ relation IV")),
+    ("acsa", "VI"): ((3, 4, "BERT -> XLNet"),),
+    ("laip", "IV"): ((1, 2, "+ COCO pre-finetuning"), (2, 3, "+ ForAtt"), (2, 4, "+ BackAtt"),
+                     (2, 5, "+ BidirAtt"), (2, 6, "+ MPM"), (5, 7, "+ MPM on BidirAtt"),
+                     (6, 7, "+ BidirAtt on MPM"), (7, 8, "+ fusion triplet loss")),
+    ("laip", "VI"): ((1, 2, "+ COCO (baseline)"), (3, 4, "+ COCO (LAIP)"), (1, 3, "+ LAIP modules, no COCO"),
+                     (2, 4, "+ LAIP modules, with COCO")),
+    ("dssl", "1"): ((1, 2, "baseline -> AlignI"), (1, 3, "baseline -> AlignII"), (1, 4, "baseline -> AlignIII"),
+                    (1, 5, "baseline -> AlignIV"), (1, 6, "baseline -> AlignV"), (2, 7, "+ AlignII on AlignI"),
+                    (2, 8, "+ AlignIII on AlignI"), (3, 9, "+ AlignIII on AlignII"),
+                    (7, 10, "+ AlignIII on AlignI+II"), (2, 11, "+ AlignIV+V on AlignI"),
+                    (10, 12, "+ AlignIV+V on AlignI+II+III")),
+    ("dssl", "2"): ((1, 2, "+ SPSM+SPFM"), (2, 3, "+ MEC"), (4, 3, "+ SAM"), (5, 3, "+ SDM")),
+    ("dssl", "3"): ((1, 2, "addition -> concatenation"),),
+    ("dssl", "4"): ((1, 2, "r 0 -> 0.25"), (2, 3, "r 0.25 -> 0.5"), (3, 4, "r 0.5 -> 0.75"),
+                    (4, 5, "r 0.75 -> 0.9")),
+    ("dssl", "5"): ((1, 2, "Euclidean -> ranking loss"),),
+    ("dssl", "6"): ((16, 18, "re-ranking"),),
+}
+_VARIANT_SUFFIX = re.compile(r"(\s*\+\s*(RVN|RR|R|C))+$")
+_CITATION = re.compile(r"\s*\([^)]*\)$")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reported numbers, laid out as printed
 
 
 def _row_index(rows: pd.DataFrame) -> pd.Index:
@@ -26,6 +156,14 @@ def _column_order(long: pd.DataFrame) -> list[tuple[str, str]]:
     return [(d, m) for d in datasets for m in METRICS if (d, m) in present]
 
 
+def _reported_table(paper: str, table: str | int) -> tuple[dict[str, str], pd.DataFrame]:
+    """The catalogue entry and the long-format reported numbers of a table that is in the paper text."""
+    info = table_info(paper, table)
+    if info["status"] == "missing":
+        raise MissingTableError(f"{paper} Table {info['table']} is not in the paper text: {info['reason']}")
+    return info, load_reported(paper, info["table"])
+
+
 def paper_table(paper: str, table: str | int) -> pd.DataFrame:
     """Reported numbers of one paper table: rows in paper order, columns (dataset, metric).
 
@@ -34,10 +172,7 @@ def paper_table(paper: str, table: str | int) -> pd.DataFrame:
     or table is a ValueError listing the available ones; a table whose numbers are not in the paper
     text raises :class:`tbps_lib.reported.MissingTableError` with the reason.
     """
-    info = table_info(paper, table)
-    if info["status"] == "missing":
-        raise MissingTableError(f"{paper} Table {info['table']} is not in the paper text: {info['reason']}")
-    long = load_reported(paper, info["table"])
+    info, long = _reported_table(paper, table)
     rows = long.sort_values("order", kind="stable").drop_duplicates("order")
     wide = long.pivot(index="order", columns=["dataset", "metric"], values="value")
     wide = wide.reindex(index=rows["order"], columns=pd.MultiIndex.from_tuples(_column_order(long),
@@ -52,3 +187,416 @@ def paper_table(paper: str, table: str | int) -> pd.DataFrame:
                   "page": info["page"], "status": info["status"], "reason": info["reason"],
                   "notes": {labels[o]: text for o, text in notes.items()}}
     return wide
+
+
+def _table_title(paper: str, info: Mapping[str, str]) -> str:
+    page = f", p. {info['page']}" if info.get("page") else ""
+    return f"{paper} Table {info['table']} ({info['kind']}{page}): {info['caption']}"
+
+
+def paper_tables_text(paper: str) -> str:
+    """Every table of ``paper`` as text: title, the reported numbers as printed ("-" = blank in the
+    paper), the row notes, and for a table whose numbers are not in the paper text, the reason."""
+    blocks = []
+    for table in available_tables(paper):
+        info = table_info(paper, table)
+        lines = [_table_title(paper, info)]
+        if info["status"] == "missing":
+            lines.append(f"  not in the paper text: {info['reason']}")
+        else:
+            wide = paper_table(paper, table)
+            lines.append(wide.to_string(float_format=lambda v: f"{v:.2f}", na_rep="-"))
+            lines += [f"  note [{label if isinstance(label, str) else ' / '.join(label)}]: {text}"
+                      for label, text in wide.attrs["notes"].items()]
+            if info["status"] == "partial":
+                lines.append(f"  partial: {info['reason']}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows -> configs -> runs
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How one reported row is reproduced: ``method`` with config ``changes`` (evaluated re-ranked when
+    ``rerank``), or why it is not (``status`` is then ``not implemented`` / ``not reproducible``)."""
+
+    status: str = ""
+    reason: str = ""
+    method: str | None = None
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    rerank: bool = False
+
+
+def _label_method(label: str) -> str | None:
+    """The workbook method a row label of another paper names (:data:`WORKBOOK_LABELS`), if any."""
+    base = _CITATION.sub("", _VARIANT_SUFFIX.sub("", label.strip())).strip()
+    return WORKBOOK_LABELS.get(base)
+
+
+def plan_row(paper: str, table: str, order: int, label: str, variant: str, config: str,
+             preset: str = "smoke") -> RowPlan:
+    """The reproduction plan of one reported row (see "Row -> run" in the module docstring)."""
+    from tbps_lib.models.registry import NotReproducible, list_methods, method_spec
+
+    other = OTHER_METHOD_ROWS.get((paper, str(table)), {}).get(order)
+    if other:
+        return RowPlan("not implemented", f"another paper's method ({other})")
+    flags = parse_config(config)
+    if not flags:
+        method = _label_method(label)
+        if method is None:
+            return RowPlan("not implemented", "another paper's method")
+        flags = {"method": method, "rerank": "1" if "+R" in variant else "0",
+                 "image_pretrain": "clip" if "+C" in variant else ""}
+    method = flags.get("method", paper)
+    default = "method" in flags
+    rerank = flags.get("rerank") == "1"
+    if flags.get("image_pretrain") == "clip":
+        return RowPlan("not reproducible", "a CLIP-pretrained image encoder (+C): the workbook has no local CLIP "
+                                           "weights and downloads nothing", method, rerank=rerank)
+    if method not in list_methods():
+        return RowPlan("not implemented", f"method {method!r} is not in the workbook yet", method, rerank=rerank)
+    if default:
+        return RowPlan("", "", method, {}, rerank)
+    spec = method_spec(method)
+    if spec.paper_rows is None:
+        return RowPlan("not implemented", f"method {method!r} does not map its paper's table rows to configs "
+                                          "(MethodSpec.paper_rows)", method, rerank=rerank)
+    ablation = {k: v for k, v in flags.items() if k not in NON_CONFIG_FLAGS}
+    try:
+        changes = dict(spec.paper_rows(ablation, preset))
+    except NotReproducible as e:
+        return RowPlan("not reproducible", str(e), method, rerank=rerank)
+    return RowPlan("", "", method, changes, rerank)
+
+
+def _cli_value(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def train_command(method: str, preset: str, dataset: str, root: str | None,
+                  changes: Mapping[str, Any]) -> str:
+    """The ``tbps train`` command line that trains the run of a config."""
+    args = ["tbps", "train", "--method", method, "--preset", preset, "--dataset", dataset]
+    if root:
+        args += ["--set", f"data.root={root}"]
+    for key, value in changes.items():
+        args += ["--set", f"{key}={_cli_value(value)}"]
+    return shlex.join(args)
+
+
+class RunLookup:
+    """Finds the finished runs of configs without training, for one preset and run registry.
+
+    Caches what is slow to repeat across the rows and tables of one report: prepared datasets (keyed by
+    dataset spec, root, validation hold-out and seed), found runs, and re-ranked / cross-domain evaluations.
+    ``roots`` maps paper dataset names to folders (paper preset; default: :data:`ROOT_ENV` variables);
+    ``sources`` overrides the workbook dataset spec of a paper dataset (e.g. ``{"CUHK-PEDES": "/data/x"}``).
+    """
+
+    def __init__(self, preset: str = "smoke", runs_dir: str | os.PathLike | None = None,
+                 roots: Mapping[str, str] | None = None, sources: Mapping[str, str] | None = None,
+                 device: str | None = None) -> None:
+        from tbps_lib.config import PRESETS
+
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; presets: {list(PRESETS)}")
+        unknown = sorted(set(roots or {}) - set(DATASETS)) + sorted(set(sources or {}) - set(DATASETS))
+        if unknown:
+            raise ValueError(f"unknown paper dataset(s) {unknown}; expected names from {list(DATASETS)}")
+        self.preset, self.runs_dir, self.device = preset, runs_dir, device
+        self.roots, self.sources = dict(roots or {}), dict(sources or {})
+        self._datasets: dict[tuple, Any] = {}
+        self._runs: dict[str, Any] = {}
+        self._evals: dict[tuple, dict[str, float]] = {}
+
+    def source(self, name: str) -> tuple[str, str | None]:
+        """(dataset spec, root) of a paper dataset in this preset; NotReproducible when a real dataset's
+        folder is not given."""
+        from tbps_lib.models.registry import NotReproducible
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown paper dataset {name!r}; expected one of {list(DATASETS)}")
+        root = self.roots.get(name)
+        if root is None and self.preset == "paper":
+            root = os.environ.get(ROOT_ENV[name]) or None
+        if name in self.sources:
+            return self.sources[name], root
+        if self.preset == "smoke":
+            return SMOKE_DATA[name], None
+        if not root:
+            raise NotReproducible(f"{name} is not available here: set {ROOT_ENV[name]} to its folder "
+                                  "(or pass roots=)")
+        return PAPER_DATA[name], root
+
+    def prepare(self, cfg: Any) -> Any:
+        """``prepare_dataset(cfg)``, once per (dataset, root, validation hold-out, seed)."""
+        from tbps_lib.data.loaders import prepare_dataset
+
+        key = (cfg.data.dataset, cfg.data.root, cfg.data.val_holdout, cfg.seed)
+        if key not in self._datasets:
+            self._datasets[key] = prepare_dataset(cfg)
+        return self._datasets[key]
+
+    def find(self, cfg: Any) -> Any:
+        """The finished run of ``cfg`` or None (:func:`tbps_lib.engine.runs.find_run`), cached."""
+        from tbps_lib.config import config_hash
+        from tbps_lib.engine.runs import find_run
+
+        key = config_hash(cfg)
+        if key not in self._runs:
+            self._runs[key] = find_run(cfg, self.runs_dir, load=self.prepare, device=self.device)
+        return self._runs[key]
+
+    def test_metrics(self, run: Any, rerank: str | None = None, test: tuple[str, str | None] | None = None
+                     ) -> dict[str, float]:
+        """Test metrics of a run: the recorded ones (``metrics.json``), or evaluated re-ranked and/or on
+        another dataset's test split ``test`` = (spec, root), from the run's cached embeddings."""
+        if rerank is None and test is None:
+            return {k: float(v) for k, v in run.metrics["test"].items() if k != "split"}
+        key = (str(run.dir), rerank, test)
+        if key not in self._evals:
+            dataset, root = test if test is not None else (None, None)
+            self._evals[key] = run.evaluate("test", rerank=rerank, dataset=dataset, root=root)
+        return self._evals[key]
+
+
+def encoder_init(run: Any, cfg: Any) -> str:
+    """``image/text`` initialisation: ``random`` or ``pretrained`` (the run's record when there is one)."""
+    init = run.metrics.get("init", {}) if run is not None else {
+        "image": "pretrained" if cfg.image.pretrained else "random",
+        "text": "pretrained" if cfg.text.pretrained else "random"}
+    return "/".join(str(init.get(k, "?")).split(":")[0] for k in ("image", "text"))
+
+
+def measure_row(plan: RowPlan, dataset: str, lookup: RunLookup) -> dict[str, Any]:
+    """Status, measured metrics and provenance of one planned row on one paper dataset (``A->B``:
+    train on A, test on B)."""
+    from tbps_lib.config import config_hash, make_config
+    from tbps_lib.models.registry import NotReproducible
+
+    out: dict[str, Any] = {"status": plan.status, "reason": plan.reason, "metrics": {}, "data": "",
+                           "backbones": "", "init": "", "config": "", "rerank": RERANK if plan.rerank else "",
+                           "train": ""}
+    if plan.status:
+        return out
+    names = dataset.split("->")
+    try:
+        (spec, root), test = lookup.source(names[0]), (lookup.source(names[1]) if len(names) == 2 else None)
+    except NotReproducible as e:
+        return {**out, "status": "not reproducible", "reason": str(e)}
+    changes = {**plan.changes, **({"data.root": root} if root else {})}
+    cfg = make_config(plan.method, lookup.preset, spec, changes)
+    run = lookup.find(cfg)
+    out.update(data=spec if test is None else f"{spec} -> {test[0]}", backbones=f"{cfg.image.arch}+{cfg.text.arch}",
+               init=encoder_init(run, cfg))
+    if run is None:
+        return {**out, "status": "not run yet",
+                "train": train_command(plan.method, lookup.preset, spec, root, plan.changes)}
+    metrics = lookup.test_metrics(run, RERANK if plan.rerank else None, test)
+    return {**out, "status": "measured", "metrics": metrics, "config": config_hash(run.config)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reproduction table
+
+
+def _ours(metrics: Mapping[str, float], metric: str) -> float:
+    if metric == "Rsum":
+        parts = [metrics.get(k) for k in ("R1", "R5", "R10")]
+        return float(sum(parts)) if all(p is not None for p in parts) else math.nan
+    return float(metrics[metric]) if metric in metrics else math.nan
+
+
+def reproduction_table(paper: str, table: str | int, dataset: str | None = None, preset: str = "smoke",
+                       runs_dir: str | os.PathLike | None = None, *, roots: Mapping[str, str] | None = None,
+                       sources: Mapping[str, str] | None = None, lookup: RunLookup | None = None) -> pd.DataFrame:
+    """The rows of :func:`paper_table` with the workbook's numbers beside the reported ones.
+
+    One line per (row, paper dataset), datasets in the order the paper prints them, rows in paper order
+    within a dataset. Columns: ``order``, ``row`` (and ``backbone`` where printed), ``dataset`` (the
+    paper's), ``status``; for each metric the table reports, ``<m> paper``, ``<m> ours`` and ``<m> Δ``
+    (ours - paper, percentage points; ``Rsum`` ours = R1 + R5 + R10); ``sign`` (the steps of
+    :data:`STEPS` that end at this row: ``vs <row>: agree|disagree|...``); ``reason``; provenance: ``data``
+    (the workbook dataset, ``train -> test`` for cross-domain rows), ``preset``, ``backbones``, ``init``
+    (image/text: random or pretrained), ``config`` (hash of the run's config), ``rerank``; ``train`` (the
+    command that trains a run that is not there yet). ``ours`` is NaN unless ``status`` is ``measured``.
+
+    A table whose numbers are not in the paper text raises :class:`tbps_lib.reported.MissingTableError`.
+    ``dataset`` keeps one paper dataset's lines (a column name such as ``"RSTPReid"`` or
+    ``"CUHK-PEDES->ICFG-PEDES"``). ``roots`` / ``sources`` / ``runs_dir`` / ``preset`` build a
+    :class:`RunLookup` unless ``lookup`` (shared by several tables) is given. Reads the registry only.
+    ``attrs``: paper, table, caption, kind, preset.
+    """
+    lookup = lookup or RunLookup(preset, runs_dir, roots, sources)
+    if lookup.preset != preset:
+        raise ValueError(f"lookup is for preset {lookup.preset!r}, the table was asked for {preset!r}")
+    info, long = _reported_table(paper, table)
+    datasets = list(dict.fromkeys(long.sort_values("order", kind="stable")["dataset"]))
+    if dataset is not None:
+        if dataset not in datasets:
+            raise ValueError(f"{paper} Table {info['table']} has no dataset {dataset!r}; it has {datasets}")
+        datasets = [dataset]
+    metrics = [m for m in METRICS if m in set(long["metric"])]
+    with_backbone = long["backbone"].ne("").any()
+    first = long.sort_values("order", kind="stable").drop_duplicates("order").set_index("order")
+    plans = {o: plan_row(paper, info["table"], o, r["row"], r["variant"], r["config"], preset)
+             for o, r in first.iterrows()}
+    records = []
+    for name in datasets:
+        cells = long[long["dataset"] == name]
+        for order in sorted(set(cells["order"])):
+            reported = cells[cells["order"] == order].set_index("metric")["value"]
+            result = measure_row(plans[order], name, lookup)
+            rec: dict[str, Any] = {"order": order, "row": first.loc[order, "row"]}
+            if with_backbone:
+                rec["backbone"] = first.loc[order, "backbone"]
+            rec.update(dataset=name, status=result["status"])
+            for m in metrics:
+                theirs = float(reported.get(m, math.nan))
+                ours = _ours(result["metrics"], m)
+                rec.update({f"{m} paper": theirs, f"{m} ours": ours, f"{m} Δ": ours - theirs})
+            rec.update(sign="", reason=result["reason"], data=result["data"], preset=preset,
+                       backbones=result["backbones"], init=result["init"], config=result["config"],
+                       rerank=result["rerank"], train=result["train"])
+            records.append(rec)
+    frame = pd.DataFrame.from_records(records)
+    frame.attrs = {"paper": paper, "table": info["table"], "caption": info["caption"], "kind": info["kind"],
+                   "preset": preset}
+    steps = sign_agreement(frame)
+    for (order, name), group in steps.groupby(["to_order", "dataset"], sort=False):
+        mask = (frame["order"] == order) & (frame["dataset"] == name)
+        frame.loc[mask, "sign"] = "; ".join(f"vs {a}: {r}" for a, r in zip(group["from"], group["result"]))
+    return frame
+
+
+def _label(frame: pd.DataFrame, order: int) -> str:
+    row = frame[frame["order"] == order].iloc[0]
+    backbone = row.get("backbone", "")
+    return f"{row['row']} ({backbone})" if isinstance(backbone, str) and backbone else str(row["row"])
+
+
+def _sign(x: float) -> int:
+    return int(x > 0) - int(x < 0)
+
+
+def step_result(paper_delta: float, ours_delta: float, same_run: bool = False) -> str:
+    """``agree`` / ``disagree`` for one step, or why it is not counted (:data:`UNCOUNTED`): the paper
+    leaves a cell blank or shows no change, a row has no measurement, or both rows resolve to one run."""
+    if math.isnan(paper_delta):
+        return "paper: not reported"
+    if paper_delta == 0:
+        return "paper: no change"
+    if math.isnan(ours_delta):
+        return "not measured"
+    if same_run:
+        return "same run"
+    return "agree" if _sign(ours_delta) == _sign(paper_delta) else "disagree"
+
+
+def sign_agreement(frame: pd.DataFrame, metric: str = SIGN_METRIC) -> pd.DataFrame:
+    """The steps of :data:`STEPS` for a :func:`reproduction_table` frame, one line per (step, dataset):
+    ``paper``, ``table``, ``from``, ``to``, ``to_order``, ``what``, ``dataset``, ``metric``, ``paper Δ``,
+    ``ours Δ`` (to - from) and ``result`` (:func:`step_result`). Tables without steps give no lines."""
+    paper, table = frame.attrs["paper"], frame.attrs["table"]
+    lines = []
+    if f"{metric} paper" in frame.columns:
+        for a, b, what in STEPS.get((paper, table), ()):
+            for name in dict.fromkeys(frame["dataset"]):
+                rows = frame[frame["dataset"] == name].set_index("order")
+                if a not in rows.index or b not in rows.index:
+                    continue
+                paper_delta = float(rows.loc[b, f"{metric} paper"] - rows.loc[a, f"{metric} paper"])
+                ours_delta = float(rows.loc[b, f"{metric} ours"] - rows.loc[a, f"{metric} ours"])
+                same = bool(rows.loc[a, "config"]) and rows.loc[a, "config"] == rows.loc[b, "config"] and \
+                    rows.loc[a, "rerank"] == rows.loc[b, "rerank"]
+                lines.append([paper, table, _label(frame, a), _label(frame, b), b, what, name, metric,
+                              paper_delta, ours_delta, step_result(paper_delta, ours_delta, same)])
+    return pd.DataFrame(lines, columns=list(STEP_COLUMNS))
+
+
+def reproduce_paper(paper: str, lookup: RunLookup, dataset: str | None = None) -> dict[str, pd.DataFrame | None]:
+    """:func:`reproduction_table` of every table of ``paper`` (None for a table not in the paper text);
+    ``dataset`` keeps one paper dataset (tables without it are skipped)."""
+    out: dict[str, pd.DataFrame | None] = {}
+    for table in available_tables(paper):
+        info = table_info(paper, table)
+        if info["status"] == "missing":
+            out[table] = None
+            continue
+        if dataset is not None and dataset not in set(load_reported(paper, table)["dataset"]):
+            continue
+        out[table] = reproduction_table(paper, table, dataset, lookup.preset, lookup=lookup)
+    return out
+
+
+def status_counts(tables: Mapping[str, Mapping[str, pd.DataFrame | None]]) -> pd.DataFrame:
+    """Lines per status for each paper (``tables``: paper -> :func:`reproduce_paper` result)."""
+    rows = {paper: pd.concat([f["status"] for f in frames.values() if f is not None], ignore_index=True)
+            .value_counts().reindex(list(STATUSES), fill_value=0) for paper, frames in tables.items()}
+    return pd.DataFrame(rows).T.rename_axis("paper")
+
+
+def all_steps(tables: Mapping[str, Mapping[str, pd.DataFrame | None]]) -> pd.DataFrame:
+    """Every step line (:func:`sign_agreement`) of every table (``tables``: paper -> tables)."""
+    frames = [sign_agreement(f) for frames in tables.values() for f in frames.values() if f is not None]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(STEP_COLUMNS))
+
+
+def sign_summary(tables: Mapping[str, Mapping[str, pd.DataFrame | None]]) -> pd.DataFrame:
+    """Per paper: steps (step x dataset lines), how many were measured (both rows measured, the paper
+    shows a change, different runs), how many agree and disagree, and the agreeing share in percent."""
+    steps = all_steps(tables)
+    rows = []
+    for paper in tables:
+        res = steps.loc[steps["paper"] == paper, "result"]
+        agree, disagree = int((res == "agree").sum()), int((res == "disagree").sum())
+        rows.append({"paper": paper, "steps": len(res), "measured": agree + disagree, "agree": agree,
+                     "disagree": disagree, "agree %": 100.0 * agree / (agree + disagree) if agree + disagree
+                     else math.nan, **{reason: int((res == reason).sum()) for reason in UNCOUNTED}})
+    return pd.DataFrame(rows).set_index("paper")
+
+
+DISPLAY_ID = ("row", "backbone", "dataset")
+
+
+def compact(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns to read a reproduction table by: row, dataset, paper/ours/Δ per metric, status, sign,
+    reason (provenance and the training command stay in the full frame and its CSV)."""
+    metric_cols = [c for c in frame.columns if c.endswith((" paper", " ours", " Δ"))]
+    keep = [c for c in DISPLAY_ID if c in frame.columns] + metric_cols + ["status", "sign", "reason", "config"]
+    return frame[keep]
+
+
+def format_reproduction(frame: pd.DataFrame) -> str:
+    """A reproduction table as text: its title, the :func:`compact` columns, and the provenance of the
+    runs it used (data, preset, backbones, initialisation)."""
+    attrs = frame.attrs
+    title = f"{attrs['paper']} Table {attrs['table']} ({attrs['kind']}), reproduced in the {attrs['preset']} preset"
+    body = compact(frame).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
+    runs = frame[frame["status"] == "measured"][["data", "backbones", "init", "config"]].drop_duplicates()
+    prov = [f"  run {r.config}: data {r.data}, backbones {r.backbones}, init {r.init}" for r in runs.itertuples()]
+    return "\n".join([title, body, *prov])
+
+
+def format_paper_reproduction(paper: str, tables: Mapping[str, pd.DataFrame | None]) -> str:
+    """All reproduction tables of a paper as text (:func:`format_reproduction`); missing tables say so."""
+    blocks = []
+    for table, frame in tables.items():
+        if frame is None:
+            info = table_info(paper, table)
+            blocks.append(f"{paper} Table {table}: not in the paper text ({info['reason']})")
+        else:
+            blocks.append(format_reproduction(frame))
+    return "\n\n".join(blocks)
+
+
+def reproduce_all(lookup: RunLookup, which: Iterable[str] | None = None) -> dict[str, dict[str, pd.DataFrame | None]]:
+    """:func:`reproduce_paper` for each paper in ``which`` (default: all five, in the workbook's order)."""
+    return {paper: reproduce_paper(paper, lookup) for paper in (which or PAPERS)}

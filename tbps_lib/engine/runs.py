@@ -27,7 +27,7 @@ import re
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pandas as pd
 import torch
@@ -314,6 +314,42 @@ def train_or_load(cfg: Config, runs_dir: str | Path | None = None, progress: boo
     return Run(run_dir, cfg, chosen, ds, trained_now=True)
 
 
+def _may_have_finished_run(root: Path, cfg: Config) -> bool:
+    """Cheap pre-check for :func:`find_run`: is there a finished run of the same method, preset and data
+    under ``root``? (Reads the small ``config.json`` files only; no dataset is loaded.)"""
+    for path in root.glob(f"{cfg.method}-*/{METRICS_FILE}") if root.is_dir() else []:
+        try:
+            stored = json.loads((path.parent / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        data = stored.get("data", {})
+        if (stored.get("preset") == cfg.preset and data.get("dataset") == cfg.data.dataset
+                and data.get("root") == cfg.data.root):
+            return True
+    return False
+
+
+def find_run(cfg: Config, runs_dir: str | Path | None = None,
+             load: Callable[[Config], TBPSDataset] = prepare_dataset,
+             device: str | torch.device | None = None) -> Run | None:
+    """The finished run of ``cfg`` (its folder has ``metrics.json``), or None; never trains.
+
+    The run folder is named by the *resolved* config (:func:`resolve_config`), which needs the dataset;
+    ``load`` prepares it (pass a caching loader when resolving many configs on the same data). When no
+    finished run of the same method, preset and dataset exists at all, None is returned without loading
+    anything, so asking about runs that were never trained stays fast.
+    """
+    root = runs_root(runs_dir)
+    if not _may_have_finished_run(root, cfg):
+        return None
+    ds = load(cfg)
+    resolved = resolve_config(cfg, ds)
+    run_dir = root / run_name(resolved)
+    if not (run_dir / METRICS_FILE).is_file():
+        return None
+    return Run(run_dir, resolved, select_device(device), ds)
+
+
 def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per run folder under the root: method, hash, preset, dataset, status, epochs, selected
     checkpoint's val metric, test R1/R5/R10/mAP/mINP, wall time and folder."""
@@ -340,4 +376,4 @@ def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
 
 
 __all__ = ["RunError", "runs_root", "run_name", "resolve_config", "run_lock", "Run", "load_run",
-           "train_or_load", "list_runs"]
+           "train_or_load", "find_run", "list_runs"]

@@ -1,0 +1,298 @@
+"""Reproduction tables: reported beside measured, deltas, sign agreement, statuses, cross-domain rows, the
+leaderboard, and find_run.
+
+A fake paper ``toytab`` (its reported numbers served in place of ``tbps_lib.reported``) is reproduced by a
+fake method of the same name: the toy dual encoder of test_trainer with a ``paper_rows`` mapping
+(``dim=<n>`` -> ``model.dim``; ``dim=99`` is not reproducible). Two toy runs are trained once per module
+(seconds on a CPU); everything else only reads the registry.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tbps_lib.analysis import tables
+from tbps_lib.analysis.leaderboard import leaderboard, query_latency
+from tbps_lib.analysis.tables import (STATUSES, STEPS, RunLookup, paper_tables_text, reproduction_table,
+                                      sign_agreement, sign_summary, step_result)
+from tbps_lib.config import config_hash, make_config
+from tbps_lib.engine.runs import find_run, train_or_load
+from tbps_lib.models import registry
+from tbps_lib.reported import COLUMNS, load_reported, table_catalog
+from test_trainer import ToyConfig, ToyModel, _toy_smoke, write_toy_dataset
+
+FAKE = "toytab"
+C, I = "CUHK-PEDES", "ICFG-PEDES"
+
+
+def _paper_rows(flags, preset):
+    if flags.get("dim") == "99":
+        raise registry.NotReproducible("dim 99 does not fit the smoke preset")
+    return {"model.dim": int(flags["dim"])}
+
+
+def _cell(table, order, row, dataset, metric, value, config="", variant=""):
+    return {"paper": FAKE, "table": table, "order": order, "row": row, "variant": variant, "backbone": "",
+            "dataset": dataset, "metric": metric, "value": value, "page": pd.NA, "config": config, "note": ""}
+
+
+FAKE_CELLS = [
+    _cell("A", 1, "Small", C, "R1", 40.0, "dim=8"), _cell("A", 1, "Small", C, "R5", 70.0, "dim=8"),
+    _cell("A", 2, "Base", C, "R1", 50.0, "dim=16"), _cell("A", 2, "Base", C, "R5", 80.0, "dim=16"),
+    _cell("A", 3, "Huge", C, "R1", 60.0, "dim=99"),
+    _cell("A", 4, "Other", C, "R1", 45.0),
+    _cell("A", 5, "Ours+C", C, "R1", 70.0, f"method={FAKE};image_pretrain=clip", "+C"),
+    _cell("C", 1, "Ours", C, "R1", 55.0, f"method={FAKE}"),
+    _cell("C", 2, "Ours+R", C, "R1", 58.0, f"method={FAKE};rerank=1", "+R"),
+    _cell("X", 1, "Base", f"{C}->{I}", "R1", 30.0, "dim=16"),
+    _cell("X", 2, "Small", f"{C}->{I}", "R1", 20.0, "dim=8"),
+]
+FAKE_KIND = {"A": "ablation", "C": "comparison", "X": "ablation"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fake_method():
+    registry.register_method(FAKE, ToyConfig, {"smoke": _toy_smoke}, paper_rows=_paper_rows)(ToyModel)
+    yield
+    registry._REGISTRY.pop(FAKE, None)
+
+
+@pytest.fixture(autouse=True)
+def _fake_paper(monkeypatch):
+    """Serve the fake paper's tables through the functions tables.py reads the reported numbers with."""
+    real_info, real_load, real_available = tables.table_info, tables.load_reported, tables.available_tables
+    fake = pd.DataFrame(FAKE_CELLS, columns=list(COLUMNS))
+
+    def table_info(paper, table):
+        if paper != FAKE:
+            return real_info(paper, table)
+        return {"paper": FAKE, "table": str(table), "kind": FAKE_KIND[str(table)], "status": "complete", "page": "",
+                "caption": f"fake table {table}", "reason": ""}
+
+    def load_reported(paper=None, table=None):
+        if paper != FAKE:
+            return real_load(paper, table)
+        return fake[fake["table"] == str(table)].reset_index(drop=True).copy()
+
+    monkeypatch.setattr(tables, "table_info", table_info)
+    monkeypatch.setattr(tables, "load_reported", load_reported)
+    monkeypatch.setattr(tables, "available_tables",
+                        lambda paper: list(FAKE_KIND) if paper == FAKE else real_available(paper))
+    monkeypatch.setitem(STEPS, (FAKE, "A"), ((1, 2, "wider"), (2, 3, "huge")))
+    monkeypatch.setitem(STEPS, (FAKE, "C"), ((1, 2, "re-ranking"),))
+    monkeypatch.setitem(STEPS, (FAKE, "X"), ((2, 1, "wider"),))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tables")
+    return {C: write_toy_dataset(root / "a"), I: write_toy_dataset(root / "b", n_test=4, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def registry_dir(data, tmp_path_factory) -> tuple[Path, dict[int, object]]:
+    """A run registry holding the toy runs of dim 16 and dim 8 on dataset A."""
+    root = tmp_path_factory.mktemp("registry")
+    trained = {dim: train_or_load(make_config(FAKE, "smoke", str(data[C]), {"model.dim": dim}), runs_dir=root,
+                                  progress=False, device="cpu") for dim in (16, 8)}
+    return root, trained
+
+
+def _lookup(data, runs_dir) -> RunLookup:
+    return RunLookup("smoke", runs_dir, sources={k: str(v) for k, v in data.items()}, device="cpu")
+
+
+def _line(frame, order, dataset=C):
+    hit = frame[(frame["order"] == order) & (frame["dataset"] == dataset)]
+    assert len(hit) == 1
+    return hit.iloc[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statuses without runs
+
+
+def test_statuses_and_reasons_before_any_run(data, tmp_path):
+    frame = reproduction_table(FAKE, "A", lookup=_lookup(data, tmp_path / "empty"))
+    assert frame["status"].tolist() == ["not run yet", "not run yet", "not reproducible", "not implemented",
+                                        "not reproducible"]
+    assert _line(frame, 3)["reason"] == "dim 99 does not fit the smoke preset"
+    assert _line(frame, 4)["reason"] == "another paper's method"
+    assert "CLIP" in _line(frame, 5)["reason"]
+    small = _line(frame, 1)
+    assert small["train"].startswith(f"tbps train --method {FAKE} --preset smoke --dataset {data[C]}")
+    assert "--set model.dim=8" in small["train"]
+    assert frame[[c for c in frame.columns if c.endswith(" ours")]].isna().all().all()  # nothing made up
+    assert _line(frame, 2)["R1 paper"] == 50.0 and math.isnan(_line(frame, 3)["R5 paper"])
+    assert _line(frame, 2)["sign"] == "vs Small: not measured"
+
+
+def test_find_run_does_not_load_data_when_nothing_can_match(data, tmp_path):
+    def boom(cfg):
+        raise AssertionError("the dataset should not be loaded")
+
+    cfg = make_config(FAKE, "smoke", str(data[C]))
+    assert find_run(cfg, tmp_path / "empty", load=boom) is None
+
+
+def test_real_tables_without_runs(tmp_path):
+    lookup = RunLookup("smoke", tmp_path / "empty")
+    sew = reproduction_table("sew_mcm", "1", lookup=lookup)
+    assert len(sew) == 30 and set(sew["status"]) <= set(STATUSES)
+    assert _line(sew, 1)["status"] == "not implemented"  # GNA-RNN
+    assert _line(sew, 30)["status"] == "not reproducible" and "CLIP" in _line(sew, 30)["reason"]
+    assert sew["R1 paper"].tolist() == pd.to_numeric(
+        load_reported("sew_mcm", "1").query("metric == 'R1'").set_index("order")["value"]).reindex(
+        sew["order"]).tolist()
+    acsa = reproduction_table("acsa", "I", lookup=lookup)
+    cmpm = acsa[acsa["row"] == "CMPM+CMPC (ECCV'18)"].iloc[0]  # the workbook's baseline stands in for it
+    assert cmpm["status"] == "not run yet" and cmpm["train"].startswith("tbps train --method baseline")
+    assert "Rsum paper" in acsa.columns
+    tipcb = reproduction_table("acsa", "VI", lookup=lookup)
+    assert tipcb.loc[tipcb["row"] == "TIPCB", "status"].eq("not implemented").all()
+
+
+def test_dataset_filter_and_paper_preset_without_data(monkeypatch, tmp_path):
+    lookup = RunLookup("smoke", tmp_path / "empty")
+    part = reproduction_table("part_level", "2", dataset="RSTPReid", lookup=lookup)
+    assert set(part["dataset"]) == {"RSTPReid"} and len(part) == 4
+    with pytest.raises(ValueError, match="has no dataset 'ICFG'"):
+        reproduction_table("part_level", "2", dataset="ICFG", lookup=lookup)
+    monkeypatch.delenv("TBPS_CUHK_PEDES_ROOT", raising=False)
+    paper = reproduction_table("acsa", "I", preset="paper", runs_dir=tmp_path / "empty")
+    cmpm = paper[paper["row"] == "CMPM+CMPC (ECCV'18)"].iloc[0]
+    assert cmpm["status"] == "not reproducible" and "TBPS_CUHK_PEDES_ROOT" in cmpm["reason"]
+    with pytest.raises(ValueError, match="lookup is for preset 'smoke'"):
+        reproduction_table("acsa", "I", preset="paper", lookup=lookup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measured rows
+
+
+def test_measured_beside_reported_with_delta_provenance_and_sign(data, registry_dir):
+    root, trained = registry_dir
+    frame = reproduction_table(FAKE, "A", lookup=_lookup(data, root))
+    assert frame["status"].tolist()[:2] == ["measured", "measured"]
+    for order, dim in ((1, 8), (2, 16)):
+        line, run = _line(frame, order), trained[dim]
+        assert line["R1 ours"] == pytest.approx(run.metrics["test"]["R1"])
+        assert line["R5 ours"] == pytest.approx(run.metrics["test"]["R5"])
+        assert line["R1 Δ"] == pytest.approx(line["R1 ours"] - line["R1 paper"])
+        assert line["config"] == config_hash(run.config) and line["data"] == str(data[C])
+        assert line["preset"] == "smoke" and line["init"] == "random/random" and line["train"] == ""
+        assert line["backbones"] == f"{run.config.image.arch}+{run.config.text.arch}"
+    ours = trained[16].metrics["test"]["R1"] - trained[8].metrics["test"]["R1"]
+    expected = "agree" if ours > 0 else "disagree"  # the paper's step Small -> Base is +10 points
+    steps = sign_agreement(frame)
+    first = steps.iloc[0]
+    assert (first["from"], first["to"], first["paper Δ"], first["result"]) == ("Small", "Base", 10.0, expected)
+    assert first["ours Δ"] == pytest.approx(ours)
+    assert steps.iloc[1]["result"] == "not measured"  # Huge is not reproducible
+    assert _line(frame, 2)["sign"] == f"vs Small: {expected}"
+
+
+def test_reranked_row_is_the_same_run_evaluated_with_visual_neighbours(data, registry_dir):
+    root, trained = registry_dir
+    frame = reproduction_table(FAKE, "C", lookup=_lookup(data, root))
+    plain, reranked = _line(frame, 1), _line(frame, 2)
+    assert plain["config"] == reranked["config"] == config_hash(trained[16].config)
+    assert reranked["rerank"] == "visual_neighbors" and plain["rerank"] == ""
+    expected = trained[16].evaluate("test", rerank="visual_neighbors")["R1"]
+    assert reranked["R1 ours"] == pytest.approx(expected)
+    assert plain["R1 ours"] == pytest.approx(trained[16].metrics["test"]["R1"])
+    step = sign_agreement(frame).iloc[0]  # one config, but re-ranked: a real step, not "same run"
+    assert step["result"] == ("agree" if expected > plain["R1 ours"] else "disagree")
+
+
+def test_cross_domain_row_trains_on_the_first_and_tests_on_the_second(data, registry_dir):
+    root, trained = registry_dir
+    frame = reproduction_table(FAKE, "X", lookup=_lookup(data, root))
+    base = _line(frame, 1, f"{C}->{I}")
+    assert base["status"] == "measured" and base["data"] == f"{data[C]} -> {data[I]}"
+    expected = trained[16].evaluate("test", dataset=str(data[I]))["R1"]
+    assert base["R1 ours"] == pytest.approx(expected)
+    assert list((trained[16].dir / "embeddings").glob("*/test.pt"))  # B's test split, encoded by the A-run
+    assert base["sign"].startswith("vs Small: ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sign agreement
+
+
+@pytest.mark.parametrize("paper_delta, ours_delta, same, result", [
+    (2.0, 0.5, False, "agree"), (-1.0, -3.0, False, "agree"), (2.0, -0.5, False, "disagree"),
+    (2.0, 0.0, False, "disagree"), (0.0, 1.0, False, "paper: no change"), (1.0, math.nan, False, "not measured"),
+    (math.nan, 1.0, False, "paper: not reported"), (1.0, 0.0, True, "same run")])
+def test_step_result(paper_delta, ours_delta, same, result):
+    assert step_result(paper_delta, ours_delta, same) == result
+
+
+def test_sign_summary_counts(data, registry_dir, tmp_path):
+    root, _ = registry_dir
+    lookup = _lookup(data, root)
+    frames = {FAKE: {t: reproduction_table(FAKE, t, lookup=lookup) for t in FAKE_KIND}}
+    steps = pd.concat([sign_agreement(f) for f in frames[FAKE].values()])
+    summary = sign_summary(frames).loc[FAKE]
+    assert summary["steps"] == len(steps) == 4
+    assert summary["agree"] + summary["disagree"] == summary["measured"] == 3
+    assert summary["not measured"] == 1
+    assert summary["agree %"] == pytest.approx(100 * summary["agree"] / 3)
+
+
+def test_steps_name_rows_of_the_tables():
+    catalog = table_catalog()
+    known = set(zip(catalog["paper"], catalog["table"]))
+    for (paper, table), steps in STEPS.items():
+        if paper == FAKE:
+            continue
+        assert (paper, table) in known
+        long = load_reported(paper, table)
+        for a, b, what in steps:
+            assert a != b and what
+            shared = set(long.loc[long["order"] == a, "dataset"]) & set(long.loc[long["order"] == b, "dataset"])
+            assert shared and "R1" in set(long.loc[long["order"].isin([a, b]), "metric"]), (paper, table, a, b)
+    ablations = catalog[(catalog["kind"] == "ablation") & (catalog["status"] != "missing")]
+    assert set(zip(ablations["paper"], ablations["table"])) <= set(STEPS)
+
+
+def test_paper_tables_text_prints_every_table():
+    text = paper_tables_text("laip")
+    assert "laip Table III (comparison, p. 4)" in text and "not in the paper text" in text
+    assert "75.37" in text and "partial:" in text  # +BackAtt R1 in Table IV; Table VI's omitted cell
+
+
+# ----------------------------------------------------------------------------------------------------
+# Leaderboard
+
+
+def test_leaderboard_measures_the_runs_and_lists_the_missing(data, registry_dir):
+    root, trained = registry_dir
+    run = trained[16]
+    board = leaderboard(str(data[C]), runs_dir=root, methods=[FAKE, "baseline"], n_queries=5, warmup=2)
+    assert board["method"].tolist() == [FAKE, "baseline"]
+    toy, base = board.iloc[0], board.iloc[1]
+    assert toy["status"] == "measured" and toy["R1"] == pytest.approx(run.metrics["test"]["R1"])
+    assert toy["train_s"] == run.metrics["wall_time_s"] and toy["config"] == config_hash(run.config)
+    assert toy["params_M"] == pytest.approx(sum(p.numel() for p in run.model.parameters()) / 1e6)
+    assert toy["query_ms"] > 0
+    assert base["status"] == "not run yet" and base["reason"].startswith("tbps train --method baseline")
+    assert math.isnan(base["R1"]) and math.isnan(base["query_ms"])
+
+
+def test_query_latency_times_single_queries_after_warmup(registry_dir):
+    _, trained = registry_dir
+    out = query_latency(trained[16], n_queries=4, warmup=2)
+    assert out["queries"] == 4 and out["gallery"] == 12 and out["query_ms"] > 0
+
+
+def test_find_run_returns_the_finished_run_and_never_trains(data, registry_dir):
+    root, trained = registry_dir
+    found = find_run(make_config(FAKE, "smoke", str(data[C]), {"model.dim": 8}), root, device="cpu")
+    assert found is not None and found.dir == trained[8].dir and found.status == "done"
+    before = sorted(p.name for p in root.iterdir())
+    assert find_run(make_config(FAKE, "smoke", str(data[C]), {"model.dim": 4}), root) is None
+    assert sorted(p.name for p in root.iterdir()) == before  # no folder was created for the missing run
