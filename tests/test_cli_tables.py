@@ -1,7 +1,6 @@
 """``tbps tables``: Markdown and CSV for the papers' tables and the leaderboard, and the README section."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -44,6 +43,7 @@ def test_writes_markdown_and_csv_for_every_table(tmp_path, toy_run, capsys):
     laip_md = (out / "laip.md").read_text()
     assert "## Table III (comparison, p. 4)" in laip_md and "Not in the paper text" in laip_md
     assert "| +BackAtt | 75.37 |" in laip_md  # the reported layout
+    assert "tbps train --method baseline --preset smoke" in (out / "acsa.md").read_text()  # CMPM+CMPC, not run
     csv = pd.read_csv(out / "csv" / "laip_table_IV.csv")
     reported = load_reported("laip", "IV").query("metric == 'R1'").set_index("order")["value"]
     assert csv.set_index("order")["R1 paper"].to_dict() == reported.to_dict()

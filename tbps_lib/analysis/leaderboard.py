@@ -10,7 +10,7 @@ filled in for it.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,11 +18,14 @@ import pandas as pd
 from tbps_lib.analysis.tables import PAPER_DATA, ROOT_ENV, RunLookup, encoder_init, train_command
 from tbps_lib.reported import DATASETS, PERCENT_METRICS
 
+if TYPE_CHECKING:  # pragma: no cover
+    from tbps_lib.engine.runs import Run
+
 COLUMNS = ("method", "status", *PERCENT_METRICS, "train_s", "params_M", "query_ms", "backbones", "init", "data",
            "preset", "config", "train_device", "query_device", "reason")
 
 
-def query_latency(run: Any, n_queries: int = 50, warmup: int = 5, k: int = 10, seed: int = 0) -> dict[str, Any]:
+def query_latency(run: Run, n_queries: int = 50, warmup: int = 5, k: int = 10, seed: int = 0) -> dict[str, Any]:
     """Median time to answer one caption query against the run's test gallery, in milliseconds.
 
     The gallery is the run's cached test-split encoding (``Run.embeddings``), set up once as a

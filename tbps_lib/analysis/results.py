@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from tbps_lib.analysis.leaderboard import leaderboard
-from tbps_lib.analysis.tables import (PAPER_DATA, ROOT_ENV, SIGN_METRIC, SMOKE_DATA, RunLookup, compact,
+from tbps_lib.analysis.tables import (PAPER_DATA, ROOT_ENV, SIGN_METRIC, SMOKE_DATA, RunLookup, all_steps, compact,
                                       paper_table, reproduce_all, sign_agreement, sign_summary, status_counts)
 from tbps_lib.reported import DATASETS, PAPERS, table_info
 from tbps_lib.utils import atomic_write_text
@@ -76,7 +76,8 @@ def _reported_markdown(paper: str, table: str) -> str:
 
 
 def paper_markdown(paper: str, frames: Mapping[str, pd.DataFrame | None], header: str) -> str:
-    """The Markdown page of one paper: for every table, reported as printed, reproduced, runs, steps."""
+    """The Markdown page of one paper: for every table, reported as printed, reproduced, the runs used and
+    the commands that train the missing ones, and the sign of each step."""
     meta = PAPERS[paper]
     out = [f"# {meta['title']}", "", f"{meta['source']} · method `{paper}`", "", header, ""]
     for table, frame in frames.items():
@@ -95,6 +96,9 @@ def paper_markdown(paper: str, frames: Mapping[str, pd.DataFrame | None], header
             out += ["Runs: " + "; ".join(f"`{r.config}` on `{r.data}` ({r.backbones}, init {r.init}"
                                          + (f", re-ranked with {r.rerank})" if r.rerank else ")")
                                          for r in runs.drop_duplicates().itertuples()), ""]
+        missing = list(dict.fromkeys(frame.loc[frame["status"] == "not run yet", "train"]))
+        if missing:
+            out += ["Not run yet; these commands train the missing runs:", "", "```bash", *missing, "```", ""]
         steps = sign_agreement(frame)
         if len(steps):
             out += [f"### Sign of each step ({SIGN_METRIC})", "",
@@ -157,8 +161,7 @@ def write_results(out: str | os.PathLike, preset: str = "smoke", papers: Sequenc
         for table, frame in frames.items():
             if frame is not None:
                 write(root / "csv" / f"{paper}_table_{table}.csv", frame.to_csv(index=False))
-    steps = pd.concat([sign_agreement(f) for frames in tables.values() for f in frames.values() if f is not None],
-                      ignore_index=True)
+    steps = all_steps(tables)
     write(root / "leaderboard.csv", board.to_csv(index=False))
     write(root / "sign_agreement.csv", steps.to_csv(index=False))
     write(root / "sign_summary.csv", res.signs.to_csv())

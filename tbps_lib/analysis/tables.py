@@ -56,12 +56,17 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import pandas as pd
 
 from tbps_lib.reported import (DATASETS, METRICS, PAPERS, MissingTableError, available_tables, load_reported,
                                parse_config, table_info)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tbps_lib.config import Config
+    from tbps_lib.data.formats import TBPSDataset
+    from tbps_lib.engine.runs import Run
 
 STATUSES = ("measured", "not run yet", "not implemented", "not reproducible")
 SMOKE_DATA = {"CUHK-PEDES": "synthetic:cuhk-like", "ICFG-PEDES": "synthetic:icfg-like",
@@ -311,8 +316,8 @@ class RunLookup:
             raise ValueError(f"unknown paper dataset(s) {unknown}; expected names from {list(DATASETS)}")
         self.preset, self.runs_dir, self.device = preset, runs_dir, device
         self.roots, self.sources = dict(roots or {}), dict(sources or {})
-        self._datasets: dict[tuple, Any] = {}
-        self._runs: dict[str, Any] = {}
+        self._datasets: dict[tuple, TBPSDataset] = {}
+        self._runs: dict[str, Run | None] = {}
         self._evals: dict[tuple, dict[str, float]] = {}
 
     def source(self, name: str) -> tuple[str, str | None]:
@@ -334,7 +339,7 @@ class RunLookup:
                                   "(or pass roots=)")
         return PAPER_DATA[name], root
 
-    def prepare(self, cfg: Any) -> Any:
+    def prepare(self, cfg: Config) -> TBPSDataset:
         """``prepare_dataset(cfg)``, once per (dataset, root, validation hold-out, seed)."""
         from tbps_lib.data.loaders import prepare_dataset
 
@@ -343,7 +348,7 @@ class RunLookup:
             self._datasets[key] = prepare_dataset(cfg)
         return self._datasets[key]
 
-    def find(self, cfg: Any) -> Any:
+    def find(self, cfg: Config) -> Run | None:
         """The finished run of ``cfg`` or None (:func:`tbps_lib.engine.runs.find_run`), cached."""
         from tbps_lib.config import config_hash
         from tbps_lib.engine.runs import find_run
@@ -353,7 +358,7 @@ class RunLookup:
             self._runs[key] = find_run(cfg, self.runs_dir, load=self.prepare, device=self.device)
         return self._runs[key]
 
-    def test_metrics(self, run: Any, rerank: str | None = None, test: tuple[str, str | None] | None = None
+    def test_metrics(self, run: Run, rerank: str | None = None, test: tuple[str, str | None] | None = None
                      ) -> dict[str, float]:
         """Test metrics of a run: the recorded ones (``metrics.json``), or evaluated re-ranked and/or on
         another dataset's test split ``test`` = (spec, root), from the run's cached embeddings."""
@@ -366,7 +371,7 @@ class RunLookup:
         return self._evals[key]
 
 
-def encoder_init(run: Any, cfg: Any) -> str:
+def encoder_init(run: Run | None, cfg: Config) -> str:
     """``image/text`` initialisation: ``random`` or ``pretrained`` (the run's record when there is one)."""
     init = run.metrics.get("init", {}) if run is not None else {
         "image": "pretrained" if cfg.image.pretrained else "random",
