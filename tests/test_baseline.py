@@ -23,8 +23,9 @@ def make_batch(n: int = 8, length: int = 10, vocab: int = 2000, seed: int = 0) -
         mask[i, length - (i % 4):] = 0
     ids = ids * mask
     labels = torch.arange(n) // 2 % N_CLASSES
-    return {"images": torch.randn(n, 3, 128, 64, generator=g), "input_ids": ids, "attention_mask": mask,
-            "token_lengths": mask.sum(1) - 2, "pids": labels + 100, "labels": labels,
+    return {"images": torch.randn(n, 3, *SMOKE_DEFAULTS["image.img_size"], generator=g), "input_ids": ids,
+            "attention_mask": mask, "token_lengths": mask.sum(1) - 2, "word_lengths": mask.sum(1) - 2,
+            "pids": labels + 100, "labels": labels,
             "image_index": torch.arange(n), "captions": [f"caption {i}" for i in range(n)]}
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tbps_lib.config import ImageEncoderConfig, TextEncoderConfig
 from tbps_lib.models.encoders import (IMAGE_ARCHS, TEXT_ARCHS, build_image_encoder, build_text_encoder)
 
-SMOKE_GRIDS = {"vit_smoke": (8, 4), "resnet_smoke": (4, 2), "swin_smoke": (4, 2)}
+SMOKE_GRIDS = {"vit_smoke": (8, 4), "resnet_smoke": (16, 8), "swin_smoke": (4, 2)}  # at 128x64
 
 
 def _images(n: int = 2, size=(128, 64)) -> torch.Tensor:

@@ -16,8 +16,8 @@ from tbps_lib.data.loaders import (IdentityBalancedSampler, RandomBatchSampler, 
                                    TrainPairs, build_tokenizer, collate, prepare_dataset, train_captions)
 from test_trainer import _toy_registered, toy_config, write_toy_dataset  # noqa: F401 (autouse fixture)
 
-BATCH_KEYS = {"images", "input_ids", "attention_mask", "token_lengths", "pids", "labels", "image_index",
-              "captions"}
+BATCH_KEYS = {"images", "input_ids", "attention_mask", "token_lengths", "word_lengths", "pids", "labels",
+              "image_index", "captions"}
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,8 @@ def test_collate_builds_exactly_the_contract_keys(ds, data):
     assert batch["images"].shape == (3, 3, 16, 8)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, cfg.text.max_length)
     assert batch["captions"] == [pairs[i]["caption"] for i in (0, 4, 9)]
+    assert batch["word_lengths"].tolist() == [len(c.replace(",", " ").replace(".", " ").split())
+                                              for c in batch["captions"]]
     assert batch["labels"].tolist() == [int(pairs.labels[i]) for i in (0, 4, 9)]
     assert batch["token_lengths"].tolist() == [len(tok.tokenize(c)) for c in batch["captions"]]
     text_only = collate([SplitCaptions(ds, "val")[0]], tokenizer=tok)

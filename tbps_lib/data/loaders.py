@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tbps_lib.data.formats import DatasetError, Record, TBPSDataset, hold_out_validation, load_dataset
-from tbps_lib.data.text import CaptionTokenizer
+from tbps_lib.data.text import CaptionTokenizer, caption_words
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -211,7 +211,7 @@ def collate(items: Sequence[dict[str, Any]], tokenizer: CaptionTokenizer | None 
     """Stack items into a batch with the keys of ``models/base.py``.
 
     ``images`` [B, 3, H, W] when the items carry images; ``input_ids``, ``attention_mask``,
-    ``token_lengths`` (from ``tokenizer``) and ``captions`` when they carry captions; always ``pids``,
+    ``token_lengths`` (from ``tokenizer``), ``word_lengths`` and ``captions`` when they carry captions; always ``pids``,
     ``labels`` and ``image_index``.
     """
     if not items:
@@ -228,6 +228,10 @@ def collate(items: Sequence[dict[str, Any]], tokenizer: CaptionTokenizer | None 
             raise ValueError("collate: the items carry captions but no tokenizer was given")
         captions = [it["caption"] for it in items]
         batch.update(tokenizer(captions))
+        # Caption length in words (punctuation not counted): T_i of the Sew paper's adaptive margin,
+        # Eq. (10), in the unit of data.explore.length_bounds, and independent of the tokenizer.
+        batch["word_lengths"] = torch.tensor([len(caption_words(c, punctuation=False)) for c in captions],
+                                             dtype=torch.long)
         batch["captions"] = captions
     return batch
 

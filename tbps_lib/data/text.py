@@ -428,24 +428,35 @@ def mask_phrase_word(input_ids: torch.Tensor, word_ids: torch.Tensor, phrase_wor
 
 def _select_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Iterable[int],
                    ratio: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Bool [n, L]: round(ratio * n_real) random real tokens per caption, at least one.
-
-    Real = attended and not special. Ranking per-row random scores (non-candidates last) picks an
-    exact count without a Python loop.
-    """
+    """Bool [n, L]: :func:`select_random_tokens` among the real tokens (attended and not special)."""
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                          "must be 2-D tensors of the same shape")
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     specials = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=input_ids.dtype,
                             device=input_ids.device)
     candidates = attention_mask.bool() & ~torch.isin(input_ids, specials)
+    return select_random_tokens(candidates, ratio, generator)
+
+
+def select_random_tokens(candidates: torch.Tensor, ratio: float,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool [n, L]: round(ratio * n_candidates) random positions among ``candidates`` per row, at least one
+    (none in a row without candidates).
+
+    Ranking per-row random scores (non-candidates last) picks an exact count without a Python loop or a
+    host synchronisation. Draws come from ``generator`` (on its device), else from the global generator
+    of the candidates' device.
+    """
+    if candidates.dim() != 2 or candidates.dtype != torch.bool:
+        raise ValueError(f"candidates must be a bool [n, L] tensor, got {candidates.dtype} {tuple(candidates.shape)}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     n_real = candidates.sum(dim=1)
     n_mask = torch.clamp(torch.floor(ratio * n_real.double() + 0.5).long(), min=1)
     n_mask = torch.minimum(n_mask, n_real)
-    scores = _uniform(input_ids.shape, generator).to(input_ids.device).masked_fill(~candidates, 2.0)
-    ranks = scores.argsort(dim=1).argsort(dim=1)
+    device = generator.device if generator is not None else candidates.device
+    scores = torch.rand(candidates.shape, generator=generator, device=device).to(candidates.device)
+    ranks = scores.masked_fill(~candidates, 2.0).argsort(dim=1).argsort(dim=1)
     return candidates & (ranks < n_mask.unsqueeze(1))
 
 

@@ -73,13 +73,19 @@ def run_name(cfg: Config) -> str:
 
 
 def resolve_config(cfg: Config, ds: TBPSDataset) -> Config:
-    """Fill the fields that come from the data: ``model.num_classes`` (when the method has it and it is 0)
-    becomes the number of training identities. The resolved config names and builds the run."""
-    fields = {f.name for f in dataclasses.fields(cfg.model)}
-    if "num_classes" in fields and cfg.model.num_classes == 0:
-        model = dataclasses.replace(cfg.model, num_classes=len(ds.train_labels()))
-        return dataclasses.replace(cfg, model=model)
-    return cfg
+    """Fill the fields that come from the data; the resolved config names and builds the run.
+
+    ``model.num_classes`` (when the method has it and it is 0) becomes the number of training identities;
+    a method config with a ``resolve_from_data(ds)`` method fills its own data-derived fields (e.g. the Sew
+    paper's caption-length bounds T_min/T_max).
+    """
+    model = cfg.model
+    fields = {f.name for f in dataclasses.fields(model)}
+    if "num_classes" in fields and model.num_classes == 0:
+        model = dataclasses.replace(model, num_classes=len(ds.train_labels()))
+    if hasattr(model, "resolve_from_data"):
+        model = model.resolve_from_data(ds)
+    return cfg if model is cfg.model else dataclasses.replace(cfg, model=model)
 
 
 @contextmanager

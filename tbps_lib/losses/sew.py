@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tbps_lib.data.text import IGNORE_INDEX
 from tbps_lib.losses.cmpm import _check_batch, cross_projections, full_precision
 
 
@@ -122,3 +123,21 @@ def sew_id_loss(image: Tensor, text: Tensor, labels: Tensor, weight: Tensor, mar
     image_proj, text_proj = cross_projections(image, text)  # vhat_i of Eq. (9) and its text-side twin
     return (_margin_cross_entropy(image_proj, w, labels, m, alpha)
             + _margin_cross_entropy(text_proj, w, labels, m, alpha))
+
+
+@full_precision
+def masked_caption_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Eq. (11) of the Sew paper: L_mcm = -sum_{n=1}^{N} log P(t_n | {t_i}, {v_i}) per caption, averaged over
+    the captions of the batch.
+
+    ``logits`` [B, K, V] are the decoder's vocabulary scores at K gathered positions per caption and
+    ``targets`` [B, K] the original token ids there, ``IGNORE_INDEX`` where a gathered position is not a
+    masked one (captions mask different numbers of tokens). The sum over a caption's masked tokens follows
+    Eq. (11); a caption with no masked token contributes 0.
+    """
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"masked_caption_loss: logits [B, K, V] and targets [B, K] expected, got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="none")  # 0 at ignored positions
+    return per_token.view(targets.shape).sum(dim=1).mean()

@@ -9,9 +9,10 @@
 
 A batch is a dict made by ``tbps_lib.data.loaders.collate``:
 ``images`` float [B, 3, H, W]; ``input_ids``, ``attention_mask`` long [B, L]; ``token_lengths`` long [B]
-(non-special tokens per caption); ``pids`` long [B] (original person ids); ``labels`` long [B]
-(contiguous training labels, -1 outside the training split); ``image_index`` long [B] (index of the image
-in its split, so two pairs of the same image are recognisable); ``captions`` list[str].
+(non-special tokens per caption); ``word_lengths`` long [B] (words per caption, punctuation not counted);
+``pids`` long [B] (original person ids); ``labels`` long [B] (contiguous training labels, -1 outside the
+training split); ``image_index`` long [B] (index of the image in its split, so two pairs of the same image
+are recognisable); ``captions`` list[str].
 """
 from __future__ import annotations
 

@@ -164,9 +164,9 @@ class Baseline(RetrievalModel):
         """The classifier weight, after checking that it exists and (on CPU, without a device sync) that
         ``labels`` are training labels in [0, num_classes)."""
         if self.classifier is None:
-            raise ValueError(f"model.num_classes is 0, but the baseline's {self.cfg.model.loss!r} loss needs an "
-                             f"identity classifier: set model.num_classes to the number of training identities "
-                             f"(len(TBPSDataset.train_labels()))")
+            raise ValueError(f"model.num_classes is 0, but the {self.cfg.method} losses need an identity "
+                             f"classifier: set model.num_classes to the number of training identities "
+                             f"(len(TBPSDataset.train_labels()); train_or_load does this)")
         n = self.classifier.out_features
         if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
             raise ValueError(f"batch['labels'] must be training labels in [0, {n}) (model.num_classes={n}); got "

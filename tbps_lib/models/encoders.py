@@ -162,12 +162,14 @@ IMAGE_ARCHS: dict[str, ImageArch] = {
     "vit_base_patch16": ImageArch("vit_base_patch16_224", "vit", {}, _vit_filter),
     "resnet50": ImageArch("resnet50", "cnn", {}),
     "swin_tiny": ImageArch("swin_tiny_patch4_window7_224", "swin", {}, _swin_filter),
-    # Smoke variants: forward+backward for 64 images at 128x64 takes about 0.24 s (vit_smoke), 0.3 s
-    # (swin_smoke), 0.5 s (resnet_smoke) of single-core CPU time.
+    # Smoke variants: forward+backward for 64 images takes about 0.24 s (vit_smoke, 128x64), 0.3 s
+    # (swin_smoke, 128x64), 0.1 s (resnet_smoke, 64x32) of single-core CPU time.
     "vit_smoke": ImageArch("vit_base_patch16_224", "vit", {"embed_dim": 128, "depth": 4, "num_heads": 4},
                            _vit_filter),  # patch 16: an 8x4 grid at 128x64
-    "resnet_smoke": ImageArch("resnet18", "cnn", {"layers": (1, 1, 1, 1), "channels": (32, 64, 128, 256),
-                                                  "stem_width": 32}),
+    # One block per stage, narrow, output stride 8: an 8x4 grid of 128-d tokens at 64x32, fine enough for
+    # part stripes and heatmaps.
+    "resnet_smoke": ImageArch("resnet18", "cnn", {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128),
+                                                  "stem_width": 16, "output_stride": 8}),
     "swin_smoke": ImageArch("swin_tiny_patch4_window7_224", "swin",
                             {"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8),
                              "window_size": 4}, _swin_filter),
@@ -289,6 +291,15 @@ TEXT_ARCHS: dict[str, TextArch] = {
 }
 
 
+def _replace_embeddings(words: Tensor, replace: Tensor, replacement: Tensor | None) -> Tensor:
+    """``words`` [B, L, D] with the positions where ``replace`` [B, L] is true set to ``replacement`` [D]."""
+    if replacement is None or replacement.shape != words.shape[-1:] or replace.shape != words.shape[:2]:
+        raise ValueError(f"text encoder: replace must be [B, L] = {tuple(words.shape[:2])} and replacement a "
+                         f"vector of {words.shape[-1]} values, got {tuple(replace.shape)} and "
+                         f"{None if replacement is None else tuple(replacement.shape)}")
+    return torch.where(replace.unsqueeze(-1), replacement.to(words.dtype), words)
+
+
 class _Freezable(nn.Module):
     """A module whose parameters may be frozen; a frozen one also stays in eval mode (no dropout)."""
 
@@ -328,6 +339,7 @@ class BertTextEncoder(_Freezable):
             raise ValueError(f"text.max_length={max_length} exceeds the {self.bert.config.max_position_embeddings} "
                              f"positions of {arch}")
         self.out_dim: int = int(self.bert.config.hidden_size)
+        self.word_dim: int = int(self.bert.config.hidden_size)  # width of the input word embeddings
         self.vocab_size: int = int(self.bert.config.vocab_size)
 
     def _load(self, path: str, sizes: Mapping[str, int]) -> nn.Module:
@@ -360,9 +372,19 @@ class BertTextEncoder(_Freezable):
                              f"mis-shaped {_describe(mismatched) or 'none'}")
         return model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
-        """Token ids and mask [B, L] -> [CLS] feature, hidden states, mask."""
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, replace: Tensor | None = None,
+                replacement: Tensor | None = None) -> TextFeatures:
+        """Token ids and mask [B, L] -> [CLS] feature, hidden states, mask.
+
+        ``replace`` (bool [B, L]) and ``replacement`` ([hidden_size]) swap the word embedding of the chosen
+        positions for a given (learnable) vector before the position embeddings are added: how Masking
+        Caption Modeling feeds masked captions (Sew paper, Section 3.2).
+        """
+        if replace is None:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            words = _replace_embeddings(self.bert.get_input_embeddings()(input_ids), replace, replacement)
+            hidden = self.bert(inputs_embeds=words, attention_mask=attention_mask).last_hidden_state
         return TextFeatures(hidden[:, 0], hidden, attention_mask)
 
 
@@ -384,6 +406,7 @@ class BiGRUTextEncoder(_Freezable):
         self.embedding = nn.Embedding(vocab_size, sizes["embed_dim"], padding_idx=0)
         self.gru = nn.GRU(sizes["embed_dim"], sizes["hidden_size"], batch_first=True, bidirectional=True)
         self.out_dim: int = 2 * sizes["hidden_size"]
+        self.word_dim: int = sizes["embed_dim"]  # width of the input word embeddings
         self.vocab_size: int = vocab_size
         self.pretrained_source: str | None = None
         if pretrained is not None:
@@ -392,14 +415,22 @@ class BiGRUTextEncoder(_Freezable):
                                      "text.pretrained")
             self.pretrained_source = str(file)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
-        """Token ids and mask [B, L] (padding at the end) -> final states, GRU outputs, mask."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, replace: Tensor | None = None,
+                replacement: Tensor | None = None) -> TextFeatures:
+        """Token ids and mask [B, L] (padding at the end) -> final states, GRU outputs, mask.
+
+        ``replace`` / ``replacement``: as for :class:`BertTextEncoder` (masked positions get a given vector
+        instead of their word embedding).
+        """
         from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
         lengths = attention_mask.sum(dim=1).cpu()
         if bool((lengths == 0).any()):
             raise ValueError("bi-GRU text encoder: a caption in the batch has no tokens (attention_mask all 0)")
-        packed = pack_padded_sequence(self.embedding(input_ids), lengths, batch_first=True, enforce_sorted=False)
+        words = self.embedding(input_ids)
+        if replace is not None:
+            words = _replace_embeddings(words, replace, replacement)
+        packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
         out, h_n = self.gru(packed)
         tokens, _ = pad_packed_sequence(out, batch_first=True, total_length=input_ids.shape[1])
         return TextFeatures(torch.cat([h_n[0], h_n[1]], dim=-1), tokens, attention_mask)

@@ -61,3 +61,45 @@ class PooledProjection(nn.Module):
         else:
             out = masked_mean_pool(self.linear(tokens), mask)
         return self.norm(out)
+
+
+class CrossAttentionBlock(nn.Module):
+    """A transformer decoder layer over a query sequence: self-attention, cross-attention to a memory
+    sequence (the other modality), feed-forward; each with a residual connection and LayerNorm (post-norm).
+
+    Either attention can be switched off (the Sew paper's Table 5 removes the cross-attention; the
+    part-level decoder has learnable queries that only cross-attend). ``forward`` can return the
+    cross-attention weights (averaged over heads, [B, n_queries, n_memory]) for attention maps.
+    Masks are bool with True = a real position (the opposite of ``nn.MultiheadAttention``'s padding mask).
+    """
+
+    def __init__(self, dim: int, heads: int, self_attention: bool = True, cross_attention: bool = True,
+                 ffn_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"CrossAttentionBlock: width {dim} is not divisible by {heads} heads")
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) if self_attention else None
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) if cross_attention else None
+        self.norm_self = nn.LayerNorm(dim) if self_attention else None
+        self.norm_cross = nn.LayerNorm(dim) if cross_attention else None
+        hidden = int(dim * ffn_ratio)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.norm_ffn = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, x_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Queries ``x`` [B, N, D] and ``memory`` [B, M, D] -> (updated queries [B, N, D], cross-attention
+        weights [B, N, M] or None)."""
+        pad = None if x_mask is None else ~_check_mask(x, x_mask)
+        if self.self_attn is not None:
+            out, _ = self.self_attn(x, x, x, key_padding_mask=pad, need_weights=False)
+            x = self.norm_self(x + out)
+        weights = None
+        if self.cross_attn is not None:
+            if memory is None:
+                raise ValueError("CrossAttentionBlock with cross-attention needs a memory sequence")
+            memory_pad = None if memory_mask is None else ~_check_mask(memory, memory_mask)
+            out, weights = self.cross_attn(x, memory, memory, key_padding_mask=memory_pad,
+                                           need_weights=need_weights, average_attn_weights=True)
+            x = self.norm_cross(x + out)
+        return self.norm_ffn(x + self.ffn(x)), weights
