@@ -34,6 +34,7 @@ reproduce: $(STAMP)
 	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
 	    --execute --inplace --ExecutePreprocessor.timeout=3600 $$nb || exit 1; done
 	$(VENV)/bin/tbps tables --out results/ --preset $${TBPS_MODE:-smoke} --readme README.md
+	$(VENV)/bin/tbps figures --mode $${TBPS_MODE:-smoke} --quiet
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -165,6 +166,20 @@ def cmd_tables(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_figures(args: argparse.Namespace) -> int:
+    """Regenerate the analysis figures of notebooks 09-11 (training missing runs) and print their numbers."""
+    from tbps_lib.analysis.figures import regenerate
+
+    out = regenerate(methods=args.methods, mode=args.mode, data=args.data, runs_dir=args.runs, split=args.split,
+                     n_captions=args.captions, progress=not args.quiet)
+    for name, table in out.tables.items():
+        print(f"== {name}")
+        print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    for name, paths in out.paths.items():
+        print(f"wrote {name}: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tbps", description="Text-based person search workbook.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
     p.add_argument("--json", action="store_true", help="print metrics and provenance as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("figures", help="regenerate the analysis figures (notebooks 09-11) from the run registry")
+    p.add_argument("--methods", nargs="+", default=["baseline", "sew_mcm"],
+                   help="registered methods to compare (default: baseline sew_mcm); missing runs are trained")
+    p.add_argument("--mode", default=os.environ.get("TBPS_MODE", "smoke"),
+                   help="preset: smoke or paper (default $TBPS_MODE or smoke)")
+    p.add_argument("--data", default=os.environ.get("TBPS_DATA") or None,
+                   help="synthetic:<preset>, a dataset name or a folder (default $TBPS_DATA or synthetic:cuhk-like)")
+    p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
+    p.add_argument("--split", default="test", help="the split the figures show (default test)")
+    p.add_argument("--captions", type=int, default=120, help="captions per method in the pointing game")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while training")
+    p.set_defaults(func=cmd_figures)
 
     runs = sub.add_parser("runs", help="the run registry").add_subparsers(dest="runs_cmd", required=True)
     p = runs.add_parser("list", help="one line per run: method, hash, status, test metrics")

@@ -1,12 +1,40 @@
-"""Saving figures the one way every notebook does: PNG and PDF under ``figures/``."""
+"""Saving figures the one way every notebook does (PNG and PDF under ``figures/``), and the analysis figures
+of notebooks 09-11 built from trained runs, so that notebooks and ``tbps figures`` draw them with the same
+code.
+
+Each builder takes ``{method: Run}`` (runs from :func:`load_runs`) and returns the figure with the numbers
+that make it checkable; :func:`regenerate` trains or loads the runs and saves every figure:
+
+====================================  ===================================================================
+figure name                           what it rebuilds
+====================================  ===================================================================
+``sew_fig4_singular_values``          Sew Fig. 4: singular values of image / text embeddings, log gap
+``sew_fig6_tsne``                     Sew Fig. 6: t-SNE of image and text features of a few identities
+``sew_fig5_attention``                Sew Fig. 5: caption- and word-level heatmaps per method
+``pointing_game``                     no paper: word-heatmap peaks in the named part's mask (synthetic)
+``sew_mcm_decoder_cross_attention``   the MCM decoder's word-to-image cross-attention (methods that
+                                      expose ``decoder_attention``; cf. the part-level paper's Fig. 4)
+====================================  ===================================================================
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
+import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 from tbps_lib.config import WORKBOOK_ROOT
+
+DEFAULT_METHODS = ("baseline", "sew_mcm")
+FIG4 = "sew_fig4_singular_values"
+FIG5 = "sew_fig5_attention"
+FIG6 = "sew_fig6_tsne"
+POINTING = "pointing_game"
+DECODER = "sew_mcm_decoder_cross_attention"
 
 
 def figures_dir() -> Path:
@@ -28,3 +56,247 @@ def save_figure(fig: Figure, name: str, dpi: int = 150) -> list[Path]:
     fig.savefig(paths[0], dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
     return paths
+
+
+# ------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def load_runs(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", data: str | None = None,
+              runs_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
+    """``{method: Run}`` from the run registry, training the runs that are missing (``train_or_load``)."""
+    from tbps_lib.config import make_config
+    from tbps_lib.engine.runs import train_or_load
+
+    if not methods:
+        raise ValueError("at least one method is needed")
+    return {m: train_or_load(make_config(m, mode, data), runs_dir=runs_dir, progress=progress) for m in methods}
+
+
+def _data_label(runs: Mapping[str, Any], split: str) -> str:
+    run = next(iter(runs.values()))
+    return f"{run.config.data.dataset}, {split} split, {run.config.preset} preset"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Figure builders
+
+
+def modality_gap_figure(runs: Mapping[str, Any], split: str = "test") -> tuple[Figure, pd.DataFrame]:
+    """Sew Fig. 4: spectra of each run's global image and text embeddings of ``split`` (every gallery image
+    and every caption), and the gap table (:func:`tbps_lib.analysis.modality_gap.gap_table`)."""
+    from tbps_lib.analysis.modality_gap import gap_table, modality_spectra, plot_spectra
+
+    spectra = {}
+    for name, run in runs.items():
+        enc = run.embeddings(split)
+        spectra[name] = modality_spectra(enc.image_feats["global"], enc.text_feats["global"])
+    return plot_spectra(spectra, title=f"Singular values of the embedding covariance ({_data_label(runs, split)})"), \
+        gap_table(spectra)
+
+
+def tsne_figure(runs: Mapping[str, Any], split: str = "test", n_ids: int = 12,
+                seed: int = 0) -> tuple[Figure, pd.DataFrame]:
+    """Sew Fig. 6: t-SNE maps of the same ``n_ids`` identities (fewer if the split has fewer) for every run,
+    and their purity / silhouette scores in the feature space and on the map (one row per method and space)."""
+    from tbps_lib.analysis.embedding_map import map_scores, plot_maps, sample_identities, tsne_map
+
+    maps, tables = {}, []
+    for name, run in runs.items():
+        enc = run.embeddings(split)
+        n_ids = min(n_ids, len(set(enc.gallery_pids.tolist()) & set(enc.query_pids.tolist())))
+        sample = sample_identities(enc.image_feats["global"], enc.text_feats["global"], enc.gallery_pids,
+                                   enc.query_pids, n_ids=n_ids, seed=seed)
+        coords = tsne_map(sample.features, seed=seed)
+        maps[name] = (sample, coords)
+        tables.append(map_scores(sample, coords).assign(method=name))
+    table = pd.concat(tables).rename_axis("space").reset_index().set_index(["method", "space"])
+    n_img = int((next(iter(maps.values()))[0].modality == "image").sum())
+    title = f"t-SNE of {n_ids} identities ({n_img} images, {len(next(iter(maps.values()))[0].pids) - n_img} " \
+            f"captions; {_data_label(runs, split)})"
+    return plot_maps(maps, title=title), table
+
+
+def _display_image(path: str | os.PathLike) -> "Any":
+    """The dataset image as uint8 [3, H, W] at its own size (for overlays)."""
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def attention_examples(runs: Mapping[str, Any], split: str = "test", n_examples: int = 3, n_words: int = 2,
+                       seed: int = 0) -> list[Any]:
+    """``n_examples`` captions of ``split`` (drawn reproducibly among those naming at least ``n_words``
+    visible parts) with every run's caption-level map and word-level maps of their first ``n_words`` part
+    words (:func:`tbps_lib.analysis.attention.word_maps`)."""
+    from tbps_lib.analysis.attention import AttentionExample, pointing_targets, word_maps
+    from tbps_lib.data.loaders import load_image, normalize_image
+
+    first = next(iter(runs.values()))
+    records = first.dataset.split(split)
+    pairs = [(r, c) for r in records for c in r.captions]
+    chosen = []
+    for i in np.random.default_rng(seed).permutation(len(pairs)):
+        record, caption = pairs[i]
+        targets = pointing_targets(caption, record.meta)
+        words = list(dict.fromkeys((t[0], t[1]) for t in targets))[:n_words]
+        if len(words) == n_words:
+            chosen.append((record, caption, words))
+        if len(chosen) == n_examples:
+            break
+    examples = []
+    for record, caption, words in chosen:
+        path = first.dataset.image_path(record)
+        cap_maps, w_maps = {}, {}
+        for name, run in runs.items():
+            image = normalize_image(load_image(path, tuple(run.config.image.img_size)))
+            whole, per_word = word_maps(run.model, image, caption, [(w, w + 1) for w, _ in words], run.tokenizer)
+            cap_maps[name], w_maps[name] = whole.maps[0].cpu(), per_word.maps.cpu()
+        examples.append(AttentionExample(_display_image(path), caption, words, cap_maps, w_maps, str(path)))
+    return examples
+
+
+def attention_figure(runs: Mapping[str, Any], split: str = "test", n_examples: int = 3, n_words: int = 2,
+                     seed: int = 0) -> tuple[Figure, list[Any]]:
+    """Sew Fig. 5 for every run: caption-level and word-level heatmaps of the same examples."""
+    from tbps_lib.analysis.attention import plot_attention_examples
+
+    examples = attention_examples(runs, split, n_examples, n_words, seed)
+    if not examples:
+        raise ValueError(f"no caption of {split} names {n_words} parts")
+    return plot_attention_examples(examples), examples
+
+
+def pointing_tables(runs: Mapping[str, Any], split: str = "test", n_captions: int = 120, seed: int = 0,
+                    unit: str = "word", source: str = "gradient") -> pd.DataFrame:
+    """The pointing game (:func:`tbps_lib.analysis.attention.pointing_game`) of every run on the same
+    captions, one row per (method, caption, part word). ``source="decoder"`` runs only the methods that
+    expose decoder cross-attention. Empty when the data has no part masks (real datasets)."""
+    from tbps_lib.analysis.attention import has_decoder_attention, pointing_game
+
+    tables = []
+    for name, run in runs.items():
+        records = run.dataset.split(split)
+        if not records or records[0].meta is None or "mask" not in records[0].meta:
+            return pd.DataFrame()
+        if source == "decoder" and not has_decoder_attention(run.model):
+            continue
+        table = pointing_game(run.model, run.tokenizer, run.dataset, tuple(run.config.image.img_size), split,
+                              n_captions=n_captions, seed=seed, unit=unit, source=source)
+        tables.append(table.assign(method=name))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def pointing_figure(summary: pd.DataFrame, title: str | None = None) -> Figure:
+    """Bars of the word-map hit rate per part and method (from ``pointing_summary(table)``), with the
+    caption-level map's hit rate and the chance level (a random peak cell) as markers."""
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(summary.index.get_level_values(0)))
+    slots = list(dict.fromkeys(summary.index.get_level_values(1)))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(slots) * max(1, len(methods)) / 2, 3.2))
+    width = 0.8 / len(methods)
+    x = np.arange(len(slots))
+    for i, m in enumerate(methods):
+        rows = summary.loc[m].reindex(slots)
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, rows["hit_%"], width, label=f"{m}: word map")
+        ax.scatter(pos, rows["caption_hit_%"], marker="_", s=120, color="k", zorder=3,
+                   label="caption map" if i == 0 else None)
+        ax.scatter(pos, rows["chance_grid_%"], marker="x", s=25, color="0.4", zorder=3,
+                   label="chance (random cell)" if i == 0 else None)
+    ax.set_xticks(x, [f"{s}\n(n={int(summary.loc[methods[0]].reindex(slots).loc[s, 'n'])})" for s in slots],
+                  fontsize=7)
+    ax.set_ylabel("peak inside the part (%)")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def decoder_attention_figure(runs: Mapping[str, Any], examples: Sequence[Any]) -> Figure | None:
+    """Cross-attention of each decoder-equipped run's decoder from the examples' part words to the image
+    (one row per example and run); None when no run exposes ``decoder_attention``."""
+    import matplotlib.pyplot as plt
+
+    from tbps_lib.analysis.attention import decoder_word_maps, has_decoder_attention, overlay
+    from tbps_lib.data.loaders import load_image, normalize_image
+
+    runs = {n: r for n, r in runs.items() if has_decoder_attention(r.model)}
+    if not runs or not examples:
+        return None
+    n_words = max(len(e.words) for e in examples)
+    rows = [(ex, name, run) for ex in examples for name, run in runs.items()]
+    fig, axes = plt.subplots(len(rows), 1 + n_words, figsize=(1.4 * (1 + n_words) + 0.6, 2.6 * len(rows)),
+                             squeeze=False)
+    for i, (ex, name, run) in enumerate(rows):
+        image = normalize_image(load_image(ex.path, tuple(run.config.image.img_size)))
+        maps = decoder_word_maps(run.model, image, ex.caption, [k for k, _ in ex.words], run.tokenizer).maps.cpu()
+        axes[i, 0].imshow(ex.image.permute(1, 2, 0).numpy())
+        axes[i, 0].set_title(name, fontsize=7)
+        for k, (_, word) in enumerate(ex.words):
+            axes[i, k + 1].imshow(overlay(ex.image, maps[k]))
+            axes[i, k + 1].set_title(f"decoder: '{word}'", fontsize=7)
+        for ax in axes[i]:
+            ax.set_xticks([]), ax.set_yticks([])
+            if not ax.images:
+                ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------
+# Everything at once
+
+
+@dataclass
+class Regenerated:
+    """What :func:`regenerate` wrote (figure name -> paths) and the numbers behind the figures."""
+
+    paths: dict[str, list[Path]] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def regenerate(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", data: str | None = None,
+               runs_dir: str | os.PathLike | None = None, split: str = "test", n_captions: int = 120,
+               progress: bool = False) -> Regenerated:
+    """Every figure of notebooks 09-11 for ``methods`` (runs trained if missing), saved under
+    :func:`figures_dir`, with their tables: ``gap`` (Fig. 4), ``tsne`` (Fig. 6), ``pointing`` and
+    ``pointing_by_word`` (the pointing game; synthetic data only) and ``pointing_decoder`` (the same game
+    on decoder cross-attention, for methods that have a decoder)."""
+    import matplotlib.pyplot as plt
+
+    from tbps_lib.analysis.attention import pointing_summary
+
+    runs = load_runs(methods, mode, data, runs_dir, progress)
+    out = Regenerated()
+
+    def keep(name: str, fig: Figure | None) -> None:
+        if fig is not None:
+            out.paths[name] = save_figure(fig, name)
+            plt.close(fig)
+
+    fig, out.tables["gap"] = modality_gap_figure(runs, split)
+    keep(FIG4, fig)
+    fig, out.tables["tsne"] = tsne_figure(runs, split)
+    keep(FIG6, fig)
+    fig, examples = attention_figure(runs, split)
+    keep(FIG5, fig)
+    keep(DECODER, decoder_attention_figure(runs, examples))
+    table = pointing_tables(runs, split, n_captions=n_captions)
+    if not table.empty:
+        out.tables["pointing"] = pointing_summary(table, by="slot")
+        out.tables["pointing_by_word"] = pointing_summary(table, by="word")
+        keep(POINTING, pointing_figure(out.tables["pointing"], title=f"Pointing game ({_data_label(runs, split)})"))
+    decoder = pointing_tables(runs, split, n_captions=n_captions, source="decoder")
+    if not decoder.empty:
+        out.tables["pointing_decoder"] = pointing_summary(decoder, by="slot")
+    return out
+
+
+__all__ = ["DEFAULT_METHODS", "FIG4", "FIG5", "FIG6", "POINTING", "DECODER", "figures_dir", "save_figure",
+           "load_runs", "modality_gap_figure", "tsne_figure", "attention_examples", "attention_figure",
+           "pointing_tables", "pointing_figure", "decoder_attention_figure", "Regenerated", "regenerate"]
