@@ -3,7 +3,8 @@
 ``tbps data inspect`` summarises a dataset per split; ``tbps data synth`` writes the synthetic benchmark.
 ``tbps train`` trains (or resumes, or just loads) the run of a method/dataset/preset plus ``--set`` changes;
 ``tbps eval RUN_DIR`` evaluates a run's selected checkpoint on a split, optionally re-ranked;
-``tbps runs list`` tables the run registry.
+``tbps runs list`` tables the run registry;
+``tbps search RUN_DIR "caption"`` ranks a run's test gallery for a caption (``tbps_lib.search``).
 Each sub-command is a small function over the library; errors in the input are printed as one clear line
 (exit status 2), never as a traceback.
 """
@@ -119,6 +120,23 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """Print the top-k gallery images of a run's split for a caption (or them as JSON)."""
+    from tbps_lib.engine.runs import load_run
+    from tbps_lib.search import CaptionSearch, summary_line
+
+    searcher = CaptionSearch.from_run(load_run(args.run_dir, device=args.device), args.split)
+    table = searcher.search(args.caption, k=args.k, rerank=args.rerank)
+    if args.json:
+        attrs = {k: table.attrs[k] for k in ("caption", "k", "rerank", "scoring", "true_pid", "unknown_words",
+                                             "latency_ms", "gallery")}
+        print(json.dumps({**attrs, "results": table.to_dict(orient="records")}, indent=2))
+    else:
+        print(f"{searcher.name}: {summary_line(table)}")
+        print(table.drop(columns=["gallery_index"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def _roots(pairs: Sequence[str]) -> dict[str, str]:
     """``--root NAME=FOLDER`` arguments (paper dataset names, e.g. CUHK-PEDES=/data/CUHK-PEDES) as a dict."""
     roots: dict[str, str] = {}
@@ -223,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
     p.add_argument("--json", action="store_true", help="print metrics and provenance as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("search", help="rank a trained run's gallery for a caption")
+    p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
+    p.add_argument("caption", help="the description of a person, in quotes")
+    p.add_argument("--k", type=int, default=10, help="how many images to list (default 10)")
+    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal"],
+                   help="re-rank the scores with the gallery's visual neighbourhoods")
+    p.add_argument("--split", default="test", help="the gallery: every image of this split (default test)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
+    p.add_argument("--json", action="store_true", help="print the query details and results as JSON")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("figures", help="regenerate the analysis figures (notebooks 09-11) from the run registry")
     p.add_argument("--methods", nargs="+", default=["baseline", "sew_mcm"],
