@@ -173,7 +173,7 @@ class SearchController:
                       preset: str | None = None, selected: str | Path | Run | None = None,
                       **kwargs: Any) -> "SearchController":
         """Every finished run of the registry (optionally of one dataset and preset), best validation first;
-        ``selected`` (a run, folder or name) is opened first, else the best one. A :class:`Run` given as
+        ``selected`` (a run, folder or name) is opened first, else (or if unknown) the best one. A :class:`Run` given as
         ``selected`` is used as it is (its model is not loaded again) and listed even if the filters miss it."""
         table = available_runs(runs_dir, dataset, preset)
         runs = {run_label(row): row["dir"] for _, row in table.iterrows()}
@@ -184,7 +184,8 @@ class SearchController:
             label = controller.label_of(selected) or selected.name
             controller.runs.setdefault(label, selected.dir)
             controller._loaded[label] = selected
-        controller.select(controller.label_of(selected) if selected is not None else controller.default_label())
+        label = controller.label_of(selected) if selected is not None else None
+        controller.select(label or controller.default_label())
         return controller
 
     @classmethod

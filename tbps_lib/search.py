@@ -134,8 +134,8 @@ class CaptionSearch:
         self.name = name
         self.device = next(model.parameters()).device
         self.image_feats = {k: v.to(self.device) for k, v in encoded.image_feats.items()}
-        self.fast = uses_default_scoring(model) and "global" in self.image_feats
-        self.index = GalleryIndex(self.image_feats["global"], backend) if self.fast else None
+        fast = uses_default_scoring(model) and "global" in self.image_feats
+        self.index = GalleryIndex(self.image_feats["global"], backend) if fast else None
         self._image_image: Tensor | None = None
         self._truth = _caption_truth(encoded.captions, encoded.query_pids.tolist())
 

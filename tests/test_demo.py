@@ -259,3 +259,8 @@ def test_a_selected_run_object_is_used_as_it_is(registry_dir, run_dir):
     app = SearchApp.from_runs_dir(registry_dir, dataset="synthetic:cuhk-like", selected=run)  # filtered out
     assert app.run_select.options == (run.name,) and app.controller.search_engine.model is run.model
     assert "12 test images" in app.status.value
+
+
+def test_an_unknown_selected_run_falls_back_to_the_best(registry_dir, run_dir):
+    controller = SearchController.from_runs_dir(registry_dir, selected="toy-ffffffffffff", device="cpu")
+    assert controller.selection.ok and controller.runs[controller.selected] == run_dir
