@@ -379,10 +379,50 @@ def encoder_init(run: Run | None, cfg: Config) -> str:
     return "/".join(str(init.get(k, "?")).split(":")[0] for k in ("image", "text"))
 
 
+def row_config(plan: RowPlan, dataset: str, lookup: RunLookup) -> tuple[Config, tuple[str, str | None] | None]:
+    """(config of the run, test dataset (spec, root) or None) of a runnable planned row on one paper dataset
+    (``A->B``: the run trains on A and is tested on B); NotReproducible when a dataset is not available."""
+    from tbps_lib.config import make_config
+
+    names = dataset.split("->")
+    (spec, root), test = lookup.source(names[0]), (lookup.source(names[1]) if len(names) == 2 else None)
+    changes = {**plan.changes, **({"data.root": root} if root else {})}
+    return make_config(plan.method, lookup.preset, spec, changes), test
+
+
+def table_configs(paper: str, table: str | int, preset: str = "smoke", lookup: RunLookup | None = None
+                  ) -> pd.DataFrame:
+    """The runs a paper table needs: one line per runnable (row, paper dataset) with ``order``, ``row``,
+    ``dataset`` (the paper's), ``method``, ``config`` (the :class:`~tbps_lib.config.Config` to train) and
+    ``hash`` (its config hash; rows sharing a run share it). Rows that are not implemented or not
+    reproducible in this preset are left out. This plans only; training is the caller's
+    (``train_or_load(config)`` per distinct hash), so analysis never trains."""
+    from tbps_lib.config import config_hash
+    from tbps_lib.models.registry import NotReproducible
+
+    lookup = lookup or RunLookup(preset)
+    info, long = _reported_table(paper, table)
+    first = long.sort_values("order", kind="stable").drop_duplicates("order").set_index("order")
+    lines = []
+    for name in dict.fromkeys(long.sort_values("order", kind="stable")["dataset"]):
+        for order in sorted(set(long.loc[long["dataset"] == name, "order"])):
+            r = first.loc[order]
+            plan = plan_row(paper, info["table"], order, r["row"], r["variant"], r["config"], preset)
+            if plan.status:
+                continue
+            try:
+                cfg, _ = row_config(plan, name, lookup)
+            except NotReproducible:
+                continue
+            lines.append({"order": order, "row": r["row"], "dataset": name, "method": plan.method, "config": cfg,
+                          "hash": config_hash(cfg)})
+    return pd.DataFrame(lines, columns=["order", "row", "dataset", "method", "config", "hash"])
+
+
 def measure_row(plan: RowPlan, dataset: str, lookup: RunLookup) -> dict[str, Any]:
     """Status, measured metrics and provenance of one planned row on one paper dataset (``A->B``:
     train on A, test on B)."""
-    from tbps_lib.config import config_hash, make_config
+    from tbps_lib.config import config_hash
     from tbps_lib.models.registry import NotReproducible
 
     out: dict[str, Any] = {"status": plan.status, "reason": plan.reason, "metrics": {}, "data": "",
@@ -390,13 +430,11 @@ def measure_row(plan: RowPlan, dataset: str, lookup: RunLookup) -> dict[str, Any
                            "train": ""}
     if plan.status:
         return out
-    names = dataset.split("->")
     try:
-        (spec, root), test = lookup.source(names[0]), (lookup.source(names[1]) if len(names) == 2 else None)
+        cfg, test = row_config(plan, dataset, lookup)
     except NotReproducible as e:
         return {**out, "status": "not reproducible", "reason": str(e)}
-    changes = {**plan.changes, **({"data.root": root} if root else {})}
-    cfg = make_config(plan.method, lookup.preset, spec, changes)
+    spec, root = cfg.data.dataset, cfg.data.root
     run = lookup.find(cfg)
     out.update(data=spec if test is None else f"{spec} -> {test[0]}", backbones=f"{cfg.image.arch}+{cfg.text.arch}",
                init=encoder_init(run, cfg))
