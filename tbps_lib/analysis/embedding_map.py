@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from torch import Tensor
 
 MODALITIES = ("image", "text")
@@ -173,10 +174,12 @@ def plot_maps(maps: Mapping[str, tuple[EmbeddingSample, np.ndarray]], title: str
         for modality, marker, size in (("image", "o", 28), ("text", "x", 22)):
             rows = sample.modality == modality
             ax.scatter(coords[rows, 0], coords[rows, 1], c=[color[p] for p in sample.pids[rows]], marker=marker,
-                       s=size, linewidths=1.1, label=f"{modality} ({'circle' if marker == 'o' else 'cross'})")
+                       s=size, linewidths=1.1)
         ax.set_title(name, fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
-    axes[0, 0].legend(fontsize=7, loc="best")
+    handles = [Line2D([], [], ls="", marker=m, color="0.35", label=f"{label} (one colour per identity)")
+               for m, label in (("o", "image"), ("x", "caption"))]
+    axes[0, 0].legend(handles=handles, fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -98,8 +98,10 @@ def modality_gap_figure(runs: Mapping[str, Any], split: str = "test") -> tuple[F
 def tsne_figure(runs: Mapping[str, Any], split: str = "test", n_ids: int = 12,
                 seed: int = 0) -> tuple[Figure, pd.DataFrame]:
     """Sew Fig. 6: t-SNE maps of the same ``n_ids`` identities (fewer if the split has fewer) for every run,
-    and their purity / silhouette scores in the feature space and on the map (one row per method and space)."""
-    from tbps_lib.analysis.embedding_map import map_scores, plot_maps, sample_identities, tsne_map
+    and their purity / silhouette scores in the feature space and on the map (one row per method and space).
+    ``table.attrs["sample"]`` counts the images and captions of each drawn identity (the same for every run
+    of the same data)."""
+    from tbps_lib.analysis.embedding_map import map_scores, plot_maps, sample_identities, sample_table, tsne_map
 
     maps, tables = {}, []
     for name, run in runs.items():
@@ -111,6 +113,7 @@ def tsne_figure(runs: Mapping[str, Any], split: str = "test", n_ids: int = 12,
         maps[name] = (sample, coords)
         tables.append(map_scores(sample, coords).assign(method=name))
     table = pd.concat(tables).rename_axis("space").reset_index().set_index(["method", "space"])
+    table.attrs["sample"] = sample_table(next(iter(maps.values()))[0])
     n_img = int((next(iter(maps.values()))[0].modality == "image").sum())
     title = f"t-SNE of {n_ids} identities ({n_img} images, {len(next(iter(maps.values()))[0].pids) - n_img} " \
             f"captions; {_data_label(runs, split)})"
@@ -129,8 +132,8 @@ def _display_image(path: str | os.PathLike) -> "Any":
 def attention_examples(runs: Mapping[str, Any], split: str = "test", n_examples: int = 3, n_words: int = 2,
                        seed: int = 0) -> list[Any]:
     """``n_examples`` captions of ``split`` (drawn reproducibly among those naming at least ``n_words``
-    visible parts) with every run's caption-level map and word-level maps of their first ``n_words`` part
-    words (:func:`tbps_lib.analysis.attention.word_maps`)."""
+    different visible parts) with every run's caption-level map and the word-level maps of the first word
+    of each of their first ``n_words`` parts (:func:`tbps_lib.analysis.attention.word_maps`)."""
     from tbps_lib.analysis.attention import AttentionExample, pointing_targets, word_maps
     from tbps_lib.data.loaders import load_image, normalize_image
 
@@ -140,8 +143,10 @@ def attention_examples(runs: Mapping[str, Any], split: str = "test", n_examples:
     chosen = []
     for i in np.random.default_rng(seed).permutation(len(pairs)):
         record, caption = pairs[i]
-        targets = pointing_targets(caption, record.meta)
-        words = list(dict.fromkeys((t[0], t[1]) for t in targets))[:n_words]
+        by_slot = {}  # the first word naming each slot, so that the maps show different parts
+        for index, word, slot in pointing_targets(caption, record.meta):
+            by_slot.setdefault(slot, (index, word))
+        words = list(by_slot.values())[:n_words]
         if len(words) == n_words:
             chosen.append((record, caption, words))
         if len(chosen) == n_examples:
