@@ -167,6 +167,31 @@ def test_vit_cls_needs_the_last_block_input(tokenizer):
     assert cap.grid == (h, w) and cap.grid_tokens(cap.output).shape == (1, h * w, 128)  # [CLS] dropped
 
 
+def test_rooted_vit_graph_gives_the_full_graph_gradient(tokenizer):
+    """The ViT map roots the graph at the last block's input; it must equal the map from a full graph."""
+    torch.manual_seed(1)
+    cfg = make_config("baseline", "smoke", changes={"image.arch": "vit_smoke", "model.pool": "cls",
+                                                    "text.max_length": 16})
+    model = build_model(cfg).eval()
+    images = torch.randn(1, 3, *cfg.image.img_size)
+    layer = image_token_layer(model)
+    kept = {}
+    handle = layer.register_forward_hook(lambda _m, _i, out: kept.__setitem__("tokens", out))
+    with torch.enable_grad():
+        batch = text_batch(CAPTIONS[:1], tokenizer, torch.device("cpu"))
+        score = model.pair_scores(model.encode_images(images), model.encode_texts(batch))[0, 0]
+        grads, = torch.autograd.grad(score, kept["tokens"])
+    handle.remove()
+    h, w = cfg.image.img_size[0] // 16, cfg.image.img_size[1] // 16
+    expected = torch.relu((grads * kept["tokens"]).sum(-1))[:, 1:].reshape(1, h, w)
+    with torch.no_grad():  # the maps switch autograd on where they need it, and the mode is restored
+        result = caption_maps(model, images, CAPTIONS[:1], tokenizer)
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(result.maps, expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(result.scores[0], score.detach())
+    assert not images.requires_grad  # the caller's tensor is untouched
+
+
 # ------------------------------------------------------------------------------------------------------
 # Pure functions
 
