@@ -194,7 +194,8 @@ def pointing_tables(runs: Mapping[str, Any], split: str = "test", n_captions: in
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def pointing_figure(summary: pd.DataFrame, title: str | None = None) -> Figure:
+def pointing_figure(summary: pd.DataFrame,
+                    title: str = "Pointing game: peak of the word map inside the named part") -> Figure:
     """Bars of the word-map hit rate per part and method (from ``pointing_summary(table)``), with the
     caption-level map's hit rate and the chance level (a random peak cell) as markers."""
     import matplotlib.pyplot as plt
@@ -216,8 +217,7 @@ def pointing_figure(summary: pd.DataFrame, title: str | None = None) -> Figure:
                   fontsize=7)
     ax.set_ylabel("peak inside the part (%)")
     ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -295,7 +295,7 @@ def regenerate(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", da
     if not table.empty:
         out.tables["pointing"] = pointing_summary(table, by="slot")
         out.tables["pointing_by_word"] = pointing_summary(table, by="word")
-        keep(POINTING, pointing_figure(out.tables["pointing"], title=f"Pointing game ({_data_label(runs, split)})"))
+        keep(POINTING, pointing_figure(out.tables["pointing"]))
     decoder = pointing_tables(runs, split, n_captions=n_captions, source="decoder")
     if not decoder.empty:
         out.tables["pointing_decoder"] = pointing_summary(decoder, by="slot")
