@@ -36,7 +36,7 @@ from tbps_lib.data.loaders import collate
 from tbps_lib.data.text import CaptionTokenizer, caption_words
 from tbps_lib.engine import rerank as rerank_lib
 from tbps_lib.engine.evaluate import RERANKERS, Encoded, autocast_context, rerank_similarity, to_device
-from tbps_lib.engine.rerank import _stable_topk
+from tbps_lib.engine.rerank import stable_topk
 from tbps_lib.models.base import RetrievalModel
 
 #: Galleries at least this large use faiss (when installed) on the fast path; below it torch is as fast
@@ -107,7 +107,7 @@ class GalleryIndex:
             scores, idx = self._faiss.search(q, k)
             return torch.from_numpy(scores), torch.from_numpy(idx).long()
         sim = self.scores(queries)
-        idx = _stable_topk(sim, k)
+        idx = stable_topk(sim, k)
         return sim.gather(1, idx).cpu(), idx.cpu()
 
 
@@ -253,7 +253,7 @@ class CaptionSearch:
             row = self.scores(feats)
             if rerank is not None:
                 row = self._reranked(feats, row, rerank, rerank_params)
-            top = _stable_topk(row[None], k)[0]
+            top = stable_topk(row[None], k)[0]
             scores, idx = row[top].cpu(), top.cpu()
         latency_ms = (time.perf_counter() - start) * 1000
         truth = self.truth_of(caption) if true_pid is None else int(true_pid)

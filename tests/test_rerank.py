@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tbps_lib.engine.metrics import rank_metrics
-from tbps_lib.engine.rerank import _stable_topk, k_reciprocal, visual_neighbors
+from tbps_lib.engine.rerank import stable_topk, k_reciprocal, visual_neighbors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_visual_neighbors_errors():
 def test_stable_topk_orders_ties_by_index():
     rng = np.random.default_rng(1)
     scores = np.round(rng.standard_normal((40, 30)), 0)
-    got = _stable_topk(torch.from_numpy(scores), 7).tolist()
+    got = stable_topk(torch.from_numpy(scores), 7).tolist()
     assert got == [top(row, 7) for row in scores.tolist()]
 
 

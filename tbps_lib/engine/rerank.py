@@ -25,7 +25,7 @@ CHUNK_ELEMENTS = 1 << 22
 # ----------------------------------------------------------------------------------------------
 # shared helpers
 # ----------------------------------------------------------------------------------------------
-def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores of each row, best first, ties broken by lower index.
 
     ``torch.topk`` is fast but picks an arbitrary subset among equal scores at the cut; rows where
@@ -146,14 +146,14 @@ def visual_neighbors(text_image_sim: ScoreMatrix, image_image_sim: ScoreMatrix, 
     ii = ii.to(dtype)
 
     # Inverted index of the visual neighbourhoods: for gallery index l, the images g with l in B_g.
-    neighbours = _stable_topk(ii, k).flatten()                        # B_g, row-major over g
+    neighbours = stable_topk(ii, k).flatten()                        # B_g, row-major over g
     order, ptr = _csr(neighbours, n_images)
     holder = torch.div(order, k, rounding_mode="floor")               # the g owning each entry
 
     flat = out.view(-1)
     for lo in range(0, n_texts, chunk_size):
         # These rows still hold the original scores: each chunk only changes its own rows, below.
-        top = _stable_topk(out[lo:lo + chunk_size], k).flatten()     # A_t, row-major over t
+        top = stable_topk(out[lo:lo + chunk_size], k).flatten()     # A_t, row-major over t
         owner, slot = _expand(ptr, top)                               # every (l in A_t, g with l in B_g)
         text = lo + torch.div(owner, k, rounding_mode="floor")
         pairs, inter = torch.unique(text * n_images + holder[slot], return_counts=True)
@@ -356,7 +356,7 @@ def k_reciprocal(q_g_sim: ScoreMatrix, q_q_sim: ScoreMatrix, g_g_sim: ScoreMatri
     chunk = _chunk_rows(chunk_size, n)
 
     width = max(k1 + 1, k2)
-    ranked = torch.cat([_stable_topk(joint.rows(lo, min(lo + chunk, n)), width)
+    ranked = torch.cat([stable_topk(joint.rows(lo, min(lo + chunk, n)), width)
                         for lo in range(0, n, chunk)])
     small = max(1, CHUNK_ELEMENTS // (width * width * 8))             # rows per chunk of the [c, m, m] checks
     recip = _reciprocal(ranked[:, :k1 + 1], small)
