@@ -33,14 +33,18 @@ def random_batch(cfg, batch_size: int, device: torch.device) -> dict:
         "input_ids": torch.randint(5, vocab, (batch_size, length), device=device),
         "attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
         "token_lengths": torch.full((batch_size,), length - 2, device=device),
+        "word_lengths": torch.randint(10, 41, (batch_size,), device=device),
         "pids": pids.to(device), "labels": pids.to(device), "image_index": torch.arange(batch_size, device=device),
         "captions": ["a person"] * batch_size,
     }
 
 
 def measure(method: str, preset: str, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
-    cfg = override(make_config(method, preset), {"model.num_classes": max(batch_size // 2, 2),
-                                                  "data.batch_size": batch_size})
+    cfg = make_config(method, preset)
+    changes = {"model.num_classes": max(batch_size // 2, 2), "data.batch_size": batch_size}
+    if getattr(cfg.model, "t_max", None) == 0:  # Sew's caption-length bounds come from data: use the batch's
+        changes.update({"model.t_min": 10.0, "model.t_max": 40.0})
+    cfg = override(cfg, changes)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     optimizer = build_optimizer(model, cfg)
