@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from tbps_lib.analysis.figures import clear_image_axes
 from tbps_lib.data.loaders import collate, load_image, normalize_image
 from tbps_lib.data.text import CaptionTokenizer, caption_words
 
@@ -586,10 +587,7 @@ def plot_attention_examples(examples: Sequence[AttentionExample], wrap: int = 34
                     ax.imshow(overlay(ex.image, ex.word_maps[m][k]))
                     ax.set_title(f"{m}\n'{ex.words[k][1]}'", fontsize=7)
                 col += 1
-        for ax in axes[row]:
-            ax.set_xticks([]), ax.set_yticks([])
-            if not ax.images:
-                ax.axis("off")
+        clear_image_axes(axes[row])
     fig.tight_layout()
     return fig
 

@@ -43,6 +43,14 @@ def figures_dir() -> Path:
     return Path(env) if env else WORKBOOK_ROOT / "figures"
 
 
+def clear_image_axes(axes: Any) -> None:
+    """Hide the ticks of image panels and switch off the panels of a grid row that show no image."""
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+        if not ax.images:
+            ax.axis("off")
+
+
 def save_figure(fig: Figure, name: str, dpi: int = 150) -> list[Path]:
     """Write ``fig`` as ``NAME.png`` and ``NAME.pdf``; return the two paths.
 
@@ -245,10 +253,7 @@ def decoder_attention_figure(runs: Mapping[str, Any], examples: Sequence[Any]) -
         for k, (_, word) in enumerate(ex.words):
             axes[i, k + 1].imshow(overlay(ex.image, maps[k]))
             axes[i, k + 1].set_title(f"decoder: '{word}'", fontsize=7)
-        for ax in axes[i]:
-            ax.set_xticks([]), ax.set_yticks([])
-            if not ax.images:
-                ax.axis("off")
+        clear_image_axes(axes[i])
     fig.tight_layout()
     return fig
 
