@@ -7,19 +7,19 @@ import pytest
 
 from tbps_lib.config import (Config, DataConfig, OptimConfig, config_diff, config_from_dict, config_hash,
                              config_to_dict, notebook_params, override)
+from tbps_lib.models.base import MethodConfig, RetrievalModel
 from tbps_lib.models.registry import register_method
 
 
 @dataclasses.dataclass(frozen=True)
-class _ToyConfig:
+class _ToyConfig(MethodConfig):
     margin: float = 0.2
     use_decoder: bool = True
 
 
 @register_method("_config_toy", _ToyConfig, presets={"smoke": lambda dataset: {"optim.lr": 0.5}})
-class _Toy:
-    def __init__(self, cfg):
-        self.cfg = cfg
+class _Toy(RetrievalModel):
+    pass
 
 
 def _cfg() -> Config:

@@ -26,7 +26,7 @@ from tbps_lib.config import make_config, override
 from tbps_lib.engine import trainer
 from tbps_lib.engine.trainer import LRSchedule, ResumeError, TrainingError, fit
 from tbps_lib.models import registry
-from tbps_lib.models.base import RetrievalModel
+from tbps_lib.models.base import MethodConfig, RetrievalModel
 
 TOY = "toy"
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40),
@@ -39,7 +39,7 @@ HAVE_BASELINE = (Path(registry.__file__).parent / "baseline.py").is_file()
 
 
 @dataclass(frozen=True)
-class ToyConfig:
+class ToyConfig(MethodConfig):
     """The toy's own config: embedding width, an injected NaN (for the stop test), dropout."""
 
     dim: int = 16

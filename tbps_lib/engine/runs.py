@@ -38,6 +38,7 @@ from tbps_lib.data.loaders import build_tokenizer, prepare_dataset, train_captio
 from tbps_lib.data.text import CaptionTokenizer
 from tbps_lib.engine import trainer
 from tbps_lib.engine.evaluate import Encoded, encode, evaluate
+from tbps_lib.models.base import RetrievalModel
 from tbps_lib.models.registry import build_model
 from tbps_lib.utils import atomic_torch_save, atomic_write_json, read_jsonl, seed_everything, select_device
 
@@ -75,17 +76,12 @@ def run_name(cfg: Config) -> str:
 def resolve_config(cfg: Config, ds: TBPSDataset) -> Config:
     """Fill the fields that come from the data; the resolved config names and builds the run.
 
-    ``model.num_classes`` (when the method has it and it is 0) becomes the number of training identities;
-    a method config with a ``resolve_from_data(ds)`` method fills its own data-derived fields (e.g. the Sew
-    paper's caption-length bounds T_min/T_max).
+    The method config's ``resolve_from_data(ds)`` (``models.base.MethodConfig``) does it: by default
+    ``model.num_classes`` (when 0) becomes the number of training identities; methods add their own (e.g.
+    the Sew paper's caption-length bounds T_min/T_max).
     """
-    model = cfg.model
-    fields = {f.name for f in dataclasses.fields(model)}
-    if "num_classes" in fields and model.num_classes == 0:
-        model = dataclasses.replace(model, num_classes=len(ds.train_labels()))
-    if hasattr(model, "resolve_from_data"):
-        model = model.resolve_from_data(ds)
-    return cfg if model is cfg.model else dataclasses.replace(cfg, model=model)
+    model = cfg.model.resolve_from_data(ds)
+    return cfg if model == cfg.model else dataclasses.replace(cfg, model=model)
 
 
 @contextmanager
@@ -107,11 +103,9 @@ def _read_json(path: Path) -> Any:
         raise RunError(f"{path} is not valid JSON ({e})") from e
 
 
-def _encoder_init(cfg: Config, model: torch.nn.Module | None) -> dict[str, str]:
-    """``pretrained:<where>`` or ``random`` for each encoder (the model's own report when it has one)."""
-    sources = getattr(model, "pretrained_sources", None)
-    found = sources() if callable(sources) else {"image": cfg.image.pretrained, "text": cfg.text.pretrained}
-    return {k: f"pretrained:{v}" if v else "random" for k, v in found.items()}
+def _encoder_init(model: RetrievalModel) -> dict[str, str]:
+    """``pretrained:<where>`` or ``random`` for each encoder (``model.pretrained_sources()``)."""
+    return {k: f"pretrained:{v}" if v else "random" for k, v in model.pretrained_sources().items()}
 
 
 class Run:
@@ -271,7 +265,7 @@ def _write_metrics(run_dir: Path, cfg: Config, ds: TBPSDataset, model: torch.nn.
                    else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"),
         "world_size": trainer.world_info()[0],
         "library_version": library_version(), "torch_version": torch.__version__,
-        "init": _encoder_init(cfg, model), "dataset_notes": list(ds.report.notes),
+        "init": _encoder_init(model), "dataset_notes": list(ds.report.notes),
         "selected": {"epoch": result.best_epoch, "step": result.best_step,
                      "select_metric": cfg.eval.select_metric},
         "epochs": result.epochs, "steps": result.steps,

@@ -1,34 +1,125 @@
-"""The contract every method keeps (DESIGN.md, "Contracts every method keeps").
+"""The contract every method keeps; ``CONTRIBUTING.md`` ("The method contract") explains it with examples.
 
-* ``model(batch)`` in training returns a dict of named loss terms and ``loss``, their weighted sum.
-* ``encode_images(images)`` / ``encode_texts(batch)`` return dicts of embeddings.
-* ``similarity(image_feats, text_feats)`` returns ``[n_texts, n_images]``, computed in chunks of texts.
-  The default is the cosine similarity of the ``"global"`` embeddings (one matmul per chunk); methods
-  with several embeddings or a pairwise scorer override :meth:`RetrievalModel.pair_scores`.
-* Training-only modules (decoders, classifiers) are never used by ``encode_*`` or ``similarity``.
+A method is a config class (``model.*`` fields, a subclass of :class:`MethodConfig`) and a model class (a
+subclass of :class:`RetrievalModel`), registered together with ``models.registry.register_method``.
+
+Required of the model:
+
+* ``model(batch)`` in training returns a dict of named scalar loss terms and ``loss``, their weighted sum.
+* ``encode_images(images)`` / ``encode_texts(batch)`` return dicts of embeddings (``"global"`` at least for
+  the default scorer).
+
+Optional hooks, each with its default (nothing to write when the default fits):
+
+==========================================  ==========================================================
+hook                                        default
+==========================================  ==========================================================
+``pair_scores(image_feats, text_feats)``    cosine of the ``"global"`` embeddings; ``similarity`` calls
+                                            it chunk by chunk of texts
+``backbone_parameters()``                   parameters of ``image_encoder`` / ``text_encoder`` (they get
+                                            ``optim.backbone_lr_factor``)
+``pretrained_sources()``                    ``pretrained_source`` of ``image_encoder`` / ``text_encoder``
+                                            (else the config's ``image.pretrained`` / ``text.pretrained``)
+``set_training_context(ctx)``               stores ``ctx`` (a :class:`TrainingContext`) as
+                                            ``self.training_context``; the trainer calls it before each
+                                            training forward
+``after_optimizer_step(ctx)``               nothing; the trainer calls it after each optimiser step
+                                            (momentum encoders, queues)
+``decoder_attention(images, batch)``        absent (``None``): the attention figures skip the model
+==========================================  ==========================================================
+
+Attributes the library reads: ``image_encoder`` (optional; an ``encoders.ImageEncoder`` returning
+``ImageFeatures`` with a token grid, which the attention maps hook) and ``text_encoder`` (optional).
+Buffers (``register_buffer``: queues, momentum copies) are part of the state dict, so checkpoints and
+exact resume keep them.
+
+Config hooks (:class:`MethodConfig`, each with a default): ``num_classes`` (filled with the number of
+training identities), ``resolve_from_data(ds)`` (fills data-derived fields), ``batch_fields(training)``
+(extra batch fields the loaders build, see ``data/loaders.py`` ``BATCH_FIELDS``).
+
+Training-only modules (decoders, classifiers, momentum copies) are never used by ``encode_*`` or
+``similarity``.
 
 A batch is a dict made by ``tbps_lib.data.loaders.collate``:
 ``images`` float [B, 3, H, W]; ``input_ids``, ``attention_mask`` long [B, L]; ``token_lengths`` long [B]
 (non-special tokens per caption); ``word_lengths`` long [B] (words per caption, punctuation not counted);
 ``pids`` long [B] (original person ids); ``labels`` long [B] (contiguous training labels, -1 outside the
 training split); ``image_index`` long [B] (index of the image in its split, so two pairs of the same image
-are recognisable); ``captions`` list[str].
+are recognisable); ``captions`` list[str]; plus the fields of ``cfg.model.batch_fields(training)``.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@dataclass(frozen=True)
+class TrainingContext:
+    """Where training is: ``step`` (finished optimiser steps before this one, 0-based), ``epoch`` (0-based),
+    ``total_steps`` of the run and ``steps_per_epoch``. Given to :meth:`RetrievalModel.set_training_context`
+    before each training forward and to :meth:`RetrievalModel.after_optimizer_step` after the step."""
+
+    step: int
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def progress(self) -> float:
+        """``step / total_steps`` in [0, 1]: for loss-weight warm-ups and momentum schedules."""
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config dataclass (``model.*``); subclasses are frozen dataclasses too.
+
+    ``num_classes``: the identity classifier's size. It is data, not a hyperparameter: 0 means "not known
+    yet" and :meth:`resolve_from_data` (called by ``engine.runs.resolve_config``) sets it to the number of
+    training identities. Methods without a classifier simply ignore it.
+    """
+
+    num_classes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 0:
+            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
+
+    def resolve_from_data(self, ds: Any) -> "MethodConfig":
+        """The config with its data-derived fields filled from ``ds`` (a ``TBPSDataset``); the resolved
+        config names the run. Default: ``num_classes`` (when 0) = number of training identities.
+        Override to fill more, calling ``super().resolve_from_data(ds)`` first."""
+        if self.num_classes == 0:
+            return dataclasses.replace(self, num_classes=len(ds.train_labels()))
+        return self
+
+    def batch_fields(self, training: bool) -> Mapping[str, Mapping[str, Any]]:
+        """Extra batch fields: ``{builder name: its keyword arguments}`` with builders of
+        ``tbps_lib.data.loaders.BATCH_FIELDS`` (e.g. ``{"noun_phrases": {"max_phrases": 6,
+        "phrase_length": 8}}``). ``training=False`` asks for what ``encode_texts`` needs in evaluation.
+        Default: none."""
+        return {}
+
+
 class RetrievalModel(nn.Module):
-    """Base class of every method; subclasses implement ``forward``, ``encode_images``, ``encode_texts``."""
+    """Base class of every method; subclasses implement ``forward``, ``encode_images``, ``encode_texts``.
+
+    The optional hooks (module docstring) have defaults here.
+    """
+
+    # Optional: ``decoder_attention(images, batch) -> (weights [B, L, n_image_tokens], grid (h, w))``, the
+    # cross-attention of a training decoder for attention maps; None = the model has none.
+    decoder_attention: Callable[..., tuple[Tensor, tuple[int, int]]] | None = None
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.cfg = cfg
+        self.training_context: TrainingContext | None = None
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(batch) -> losses")
@@ -39,6 +130,7 @@ class RetrievalModel(nn.Module):
     def encode_texts(self, batch: dict[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- scoring --------------------------------------------------------------------------------------
     def pair_scores(self, image_feats: dict[str, Tensor], text_feats: dict[str, Tensor]) -> Tensor:
         """Scores of every text in ``text_feats`` against every image: [n_texts, n_images].
 
@@ -57,6 +149,16 @@ class RetrievalModel(nn.Module):
             rows.append(self.pair_scores(image_feats, chunk).float())
         return torch.cat(rows, dim=0)
 
+    # -- training -------------------------------------------------------------------------------------
+    def set_training_context(self, ctx: TrainingContext) -> None:
+        """Called by the trainer before each training forward. Default: keep it in ``self.training_context``
+        (read it in ``forward`` for loss-weight warm-ups or stage switches)."""
+        self.training_context = ctx
+
+    def after_optimizer_step(self, ctx: TrainingContext) -> None:
+        """Called by the trainer after each optimiser step (outside autograd). Default: nothing. Momentum
+        encoders (EMA) and feature queues update here; keep their state in buffers so checkpoints hold it."""
+
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the pretrained backbones (the optimiser gives them ``backbone_lr_factor``).
 
@@ -68,3 +170,22 @@ class RetrievalModel(nn.Module):
             if module is not None:
                 params.extend(p for p in module.parameters() if p.requires_grad)
         return params
+
+    # -- reports --------------------------------------------------------------------------------------
+    def pretrained_sources(self) -> dict[str, str | None]:
+        """Where each encoder's weights came from (None = random initialisation), for run provenance.
+
+        Default: the ``pretrained_source`` attribute of ``image_encoder`` / ``text_encoder``, else the
+        config's ``image.pretrained`` / ``text.pretrained``.
+        """
+        out: dict[str, str | None] = {}
+        for key, name, section in (("image", "image_encoder", "image"), ("text", "text_encoder", "text")):
+            module = getattr(self, name, None)
+            if module is not None and hasattr(module, "pretrained_source"):
+                out[key] = module.pretrained_source
+            else:
+                out[key] = getattr(getattr(self.cfg, section, None), "pretrained", None)
+        return out
+
+
+__all__ = ["TrainingContext", "MethodConfig", "RetrievalModel"]

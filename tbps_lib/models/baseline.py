@@ -24,9 +24,10 @@ Choices the papers leave open (documented here, all config fields):
   available here (``batchnorm=True``) but off, since Table 4 attributes the BatchNorm to no row.
 * The ranking margin alpha is not given by the part-level paper: 0.2 (the VSE++ value it cites).
   Eq. (9) sums over the batch (``ranking_reduction="sum"``); the ID loss is a batch mean.
-* ``num_classes`` (the classifier size) is data, not a hyperparameter: 0 means "not known yet"; the
-  trainer sets it to the number of training identities before building the model. A model with 0 builds
-  (encoders and heads only) but refuses to compute a loss that needs the classifier.
+* ``num_classes`` (the classifier size, from :class:`~tbps_lib.models.base.MethodConfig`) is data, not a
+  hyperparameter: 0 means "not known yet"; ``train_or_load`` sets it to the number of training identities
+  before building the model. A model with 0 builds (encoders and heads only) but refuses to compute a loss
+  that needs the classifier.
 
 The paper preset follows the Sew paper, Section 4.2: ViT-B/16 + BERT-base-uncased, representation
 dimension 768, text length 100, batch 64, 60 epochs, Adam with initial lr 1e-3, random horizontal flip.
@@ -43,14 +44,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tbps_lib.config import SMOKE_DEFAULTS, Config
 from tbps_lib.losses import cmpc_loss, cmpm_loss, hardest_negative_ranking_loss, id_loss
 from tbps_lib.losses.ranking import REDUCTIONS
-from tbps_lib.models.base import RetrievalModel
-from tbps_lib.models.encoders import build_image_encoder, build_text_encoder
-from tbps_lib.models.layers import POOLS, PooledProjection
+from tbps_lib.models.base import MethodConfig
+from tbps_lib.models.dual_encoder import DualEncoder
+from tbps_lib.models.layers import POOLS
 from tbps_lib.models.registry import register_method
 
 LOSSES = ("cmpm_cmpc", "id_ranking")
@@ -58,13 +59,13 @@ _AUTO_POOL = {"cmpm_cmpc": "cls", "id_ranking": "max"}
 
 
 @dataclass(frozen=True)
-class BaselineConfig:
-    """The baseline's own fields (``model.*``); see the module docstring for the choices."""
+class BaselineConfig(MethodConfig):
+    """The baseline's own fields (``model.*``, plus ``num_classes`` from ``MethodConfig``); see the module
+    docstring for the choices."""
 
     loss: str = "cmpm_cmpc"  # "cmpm_cmpc" (Sew baseline) or "id_ranking" (part-level baseline)
     pool: str = "auto"  # "auto", "cls", "max" or "mean"
     batchnorm: bool = False  # BatchNorm1d after pooling (Sew Algorithm 1, line 8)
-    num_classes: int = 0  # training identities; 0 = not set yet (the trainer sets it from the data)
     cmpm_weight: float = 1.0
     cmpc_weight: float = 1.0  # ACSA's mu = 4
     cmpm_eps: float = 1e-8
@@ -74,6 +75,7 @@ class BaselineConfig:
     ranking_reduction: str = "sum"  # Eq. (9) sums over the batch
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"model.loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.pool != "auto" and self.pool not in POOLS:
@@ -81,8 +83,6 @@ class BaselineConfig:
         if self.ranking_reduction not in REDUCTIONS:
             raise ValueError(f"model.ranking_reduction must be one of {list(REDUCTIONS)}, "
                              f"got {self.ranking_reduction!r}")
-        if self.num_classes < 0:
-            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
         if self.cmpm_eps <= 0 or self.margin < 0:
             raise ValueError(f"model.cmpm_eps must be > 0 and model.margin >= 0, got {self.cmpm_eps}, {self.margin}")
 
@@ -123,63 +123,18 @@ def paper_preset(dataset: str) -> Mapping[str, Any]:
 
 
 @register_method("baseline", BaselineConfig, presets={"smoke": smoke_preset, "paper": paper_preset})
-class Baseline(RetrievalModel):
-    """Image encoder + text encoder, each with a :class:`PooledProjection` to ``cfg.embed_dim``."""
+class Baseline(DualEncoder):
+    """The shared :class:`DualEncoder` with the pooling of ``model.pool`` and the CMPM+CMPC or ID+ranking losses."""
 
     def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        model_cfg: BaselineConfig = cfg.model
-        self.image_encoder = build_image_encoder(cfg.image)
-        self.text_encoder = build_text_encoder(cfg.text)
-        pool = model_cfg.resolved_pool
-        self.image_proj = PooledProjection(self.image_encoder.out_dim, cfg.embed_dim, pool, model_cfg.batchnorm)
-        self.text_proj = PooledProjection(self.text_encoder.out_dim, cfg.embed_dim, pool, model_cfg.batchnorm)
-        # One identity classifier shared by both modalities (CMPC and Eq. (7)); training only.
-        self.classifier = (nn.Linear(cfg.embed_dim, model_cfg.num_classes, bias=False)
-                           if model_cfg.num_classes > 0 else None)
-
-    def pretrained_sources(self) -> dict[str, str | None]:
-        """Where each encoder's weights came from (None = random initialisation), for reports."""
-        return {"image": self.image_encoder.pretrained_source, "text": self.text_encoder.pretrained_source}
-
-    def embed_images(self, images: Tensor) -> Tensor:
-        """Images [B, 3, H, W] -> joint-space embeddings [B, embed_dim] (not normalised)."""
-        feats = self.image_encoder(images)
-        return self.image_proj(feats.pooled, feats.tokens)
-
-    def embed_texts(self, batch: Mapping[str, Any]) -> Tensor:
-        """``input_ids`` / ``attention_mask`` of ``batch`` -> joint-space embeddings [B, embed_dim]."""
-        feats = self.text_encoder(batch["input_ids"], batch["attention_mask"])
-        return self.text_proj(feats.pooled, feats.tokens, feats.mask)
-
-    def encode_images(self, images: Tensor) -> dict[str, Tensor]:
-        """``{"global": [B, embed_dim]}``, not normalised (retrieval uses the cosine)."""
-        return {"global": self.embed_images(images)}
-
-    def encode_texts(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """``{"global": [B, embed_dim]}``, not normalised (retrieval uses the cosine)."""
-        return {"global": self.embed_texts(batch)}
-
-    def _classifier_weight(self, labels: Tensor) -> Tensor:
-        """The classifier weight, after checking that it exists and (on CPU, without a device sync) that
-        ``labels`` are training labels in [0, num_classes)."""
-        if self.classifier is None:
-            raise ValueError(f"model.num_classes is 0, but the {self.cfg.method} losses need an identity "
-                             f"classifier: set model.num_classes to the number of training identities "
-                             f"(len(TBPSDataset.train_labels()); train_or_load does this)")
-        n = self.classifier.out_features
-        if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-            raise ValueError(f"batch['labels'] must be training labels in [0, {n}) (model.num_classes={n}); got "
-                             f"values from {int(labels.min())} to {int(labels.max())} (-1 marks pairs outside "
-                             f"the training split)")
-        return self.classifier.weight
+        super().__init__(cfg, pool=cfg.model.resolved_pool, batchnorm=cfg.model.batchnorm)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The named loss terms (unweighted) and ``loss``, their weighted sum."""
         m: BaselineConfig = self.cfg.model
         image = self.embed_images(batch["images"])
         text = self.embed_texts(batch)
-        weight = self._classifier_weight(batch["labels"])
+        weight = self.classifier_weight(batch["labels"])
         if m.loss == "cmpm_cmpc":
             terms = {"cmpm": cmpm_loss(image, text, batch["pids"], eps=m.cmpm_eps),
                      "cmpc": cmpc_loss(image, text, batch["labels"], weight)}

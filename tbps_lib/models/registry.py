@@ -1,6 +1,7 @@
 """The method registry: ``register_method(name, ...)`` on a model class, ``build_model(cfg)``.
 
-A method module registers its model class together with its own config dataclass and its presets
+A method module registers its model class (a ``models.base.RetrievalModel``) together with its own config
+dataclass (a ``models.base.MethodConfig``) and its presets
 (functions of the dataset spec that return dotted config changes, e.g. ``{"optim.lr": 1e-3}``).
 Method modules are imported lazily, the first time the registry is asked, so ``import tbps_lib`` stays
 light and a method whose optional pieces are missing does not break the others.
@@ -51,7 +52,16 @@ def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn]
                     paper_rows: PaperRowFn | None = None) -> Callable[[type], type]:
     """Class decorator: register ``model_cls`` as method ``name`` with its config class, presets and
     (optionally) the mapping of its paper's table rows to configs (see :class:`MethodSpec`)."""
+    from tbps_lib.models.base import MethodConfig, RetrievalModel
+
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
+        raise TypeError(f"method {name!r}: its config class {getattr(config_cls, '__name__', config_cls)} must "
+                        f"subclass tbps_lib.models.base.MethodConfig (a frozen dataclass)")
+
     def deco(model_cls: type) -> type:
+        if not issubclass(model_cls, RetrievalModel):
+            raise TypeError(f"method {name!r}: {model_cls.__name__} must subclass "
+                            f"tbps_lib.models.base.RetrievalModel")
         if name in _REGISTRY and _REGISTRY[name].model_cls is not model_cls:
             raise ValueError(f"method {name!r} is registered twice")
         _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets), paper_rows)

@@ -66,7 +66,8 @@ from tbps_lib.data.text import IGNORE_INDEX, select_random_tokens
 from tbps_lib.losses import (adaptive_margin, cmpc_loss, cmpm_loss, id_loss, masked_caption_loss, sew_id_loss,
                              sew_matching_loss)
 from tbps_lib.models import baseline
-from tbps_lib.models.baseline import Baseline
+from tbps_lib.models.base import MethodConfig
+from tbps_lib.models.dual_encoder import DualEncoder
 from tbps_lib.models.layers import POOLS, CrossAttentionBlock
 from tbps_lib.models.registry import NotReproducible, register_method
 
@@ -79,8 +80,9 @@ _RECONSTRUCT = ("no_cross", "full")  # variants that predict the masked tokens
 
 
 @dataclass(frozen=True)
-class SewMCMConfig:
-    """The method's own fields (``model.*``); the defaults are the full method (Sew-A + MCM, Model 6)."""
+class SewMCMConfig(MethodConfig):
+    """The method's own fields (``model.*``, plus ``num_classes`` from ``MethodConfig``); the defaults are the
+    full method (Sew-A + MCM, Model 6)."""
 
     matching: str = "sew"  # "sew" (Sew calibration loss) or "cmpm_cmpc" (the baseline's losses)
     margin: str = "adaptive"  # "adaptive" (Sew-A, Eq. (10)) or "fixed" (Sew-F)
@@ -96,12 +98,12 @@ class SewMCMConfig:
     decoder_heads: int = 0  # 0 = text width // 64
     pool: str = "cls"
     batchnorm: bool = True  # Algorithm 1, line 8
-    num_classes: int = 0  # training identities; filled from the data by train_or_load
     sew_weight: float = 1.0  # lambda1 of Eq. (12)
     mcm_weight: float = 1.0  # lambda2 of Eq. (12)
     cmpm_eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, value, allowed in (("matching", self.matching, MATCHINGS), ("margin", self.margin, MARGINS),
                                      ("mcm", self.mcm, MCM_VARIANTS), ("pool", self.pool, POOLS)):
             if value not in allowed:
@@ -114,22 +116,19 @@ class SewMCMConfig:
                              f"{self.t_min}, {self.t_max}")
         if not 0 < self.mask_ratio <= 1:
             raise ValueError(f"model.mask_ratio must be in (0, 1], got {self.mask_ratio}")
-        if self.alpha <= 0 or self.num_classes < 0 or self.decoder_heads < 0:
-            raise ValueError(f"model.alpha must be > 0, model.num_classes and model.decoder_heads >= 0, got "
-                             f"{self.alpha}, {self.num_classes}, {self.decoder_heads}")
-
-    @property
-    def resolved_pool(self) -> str:
-        """The pooling of the projections (the baseline's constructor reads this)."""
-        return self.pool
+        if self.alpha <= 0 or self.decoder_heads < 0:
+            raise ValueError(f"model.alpha must be > 0 and model.decoder_heads >= 0, got "
+                             f"{self.alpha}, {self.decoder_heads}")
 
     def resolve_from_data(self, ds: Any) -> "SewMCMConfig":
-        """Fill T_min/T_max (when both are 0) from the dataset: the paper's values for the real datasets,
-        else percentiles of the training captions' lengths (``length_bounds``); the source is recorded."""
-        if (self.t_min, self.t_max) != (0, 0):
-            return self
+        """``num_classes`` (``MethodConfig``), then T_min/T_max (when both are 0) from the dataset: the
+        paper's values for the real datasets, else percentiles of the training captions' lengths
+        (``length_bounds``); the source is recorded."""
+        cfg = super().resolve_from_data(ds)
+        if (cfg.t_min, cfg.t_max) != (0, 0):
+            return cfg
         t_min, t_max, source = length_bounds(ds)
-        return dataclasses.replace(self, t_min=float(t_min), t_max=float(t_max), t_source=source)
+        return dataclasses.replace(cfg, t_min=float(t_min), t_max=float(t_max), t_source=source)
 
 
 def smoke_preset(dataset: str) -> Mapping[str, Any]:
@@ -193,12 +192,12 @@ def paper_rows(flags: Mapping[str, str], preset: str) -> dict[str, Any]:
 
 @register_method("sew_mcm", SewMCMConfig, presets={"smoke": smoke_preset, "paper": paper_preset},
                  paper_rows=paper_rows)
-class SewMCM(Baseline):
-    """The baseline's dual encoder + Sew calibration losses + the MCM decoder (training only)."""
+class SewMCM(DualEncoder):
+    """The shared dual encoder (the baseline's) + Sew calibration losses + the MCM decoder (training only)."""
 
     def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
         m: SewMCMConfig = cfg.model
+        super().__init__(cfg, pool=m.pool, batchnorm=m.batchnorm)
         width = self.text_encoder.out_dim
         self.mask_embedding = (nn.Parameter(torch.randn(self.text_encoder.word_dim) * 0.02)
                                if m.mcm in _MASKED else None)
@@ -263,7 +262,7 @@ class SewMCM(Baseline):
                                 replacement=self.mask_embedding)
         image = self.image_proj(img.pooled, img.tokens)
         text = self.text_proj(txt.pooled, txt.tokens, txt.mask)
-        weight = self._classifier_weight(batch["labels"])
+        weight = self.classifier_weight(batch["labels"])
         if m.matching == "sew":
             margin = self.margins(batch)
             terms = {"match": sew_matching_loss(image, text, batch["pids"], margin, m.alpha),  # Eq. (5)-(7)
