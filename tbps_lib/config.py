@@ -106,6 +106,9 @@ class OptimConfig:
     epochs: int = 10
     max_steps: int | None = None
     clip_grad: float | None = None
+    # Parameter-name prefixes (``model.named_parameters()``) left out of training, e.g. "image_encoder,
+    # text_encoder" for a stage with frozen backbones; a prefix that matches nothing is an error.
+    freeze: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,24 @@ class EvalConfig:
     select_metric: str = "R1"  # the validation metric that selects the checkpoint
     batch_size: int = 256
     chunk_size: int = 1024  # text rows per similarity chunk
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Weights that initialise the model after ``build_model`` (before training; a resumed run then loads its
+    own ``last.pt`` over them). At most one of ``from_run`` / ``checkpoint``.
+
+    ``from_run``: a run whose selected weights (``best.pt``) are taken: its folder name
+    (``<method>-<config_hash>``, looked up under the runs root; machine-independent, so the config hash is
+    too), its hash alone, or a folder path. ``checkpoint``: a checkpoint file (a ``best.pt``/``last.pt`` of a
+    run, or a plain state dict). Every key must match in name and shape, both ways; ``skip`` lists
+    parameter-name prefixes exempt from that (the source's are ignored, the model's keep their fresh
+    initialisation). The run's ``metrics.json`` records the source (``init_from``).
+    """
+
+    from_run: str | None = None
+    checkpoint: str | None = None
+    skip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
+    init: InitConfig = InitConfig()
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -15,7 +15,12 @@
 * Samplers yield whole batches of indices, fixed per (seed, epoch): :class:`IdentityBalancedSampler`
   (P identities x K pairs) and :class:`RandomBatchSampler`. ``cfg.data.batch_size`` is the global batch:
   under DDP each of the ``num_replicas`` ranks takes its own slice of every batch.
-* :func:`collate` builds exactly the batch keys of ``tbps_lib/models/base.py``.
+* :func:`collate` builds the batch keys of ``tbps_lib/models/base.py`` plus the extra fields a method
+  declares (``cfg.model.batch_fields(training)``: builder names of :data:`BATCH_FIELDS` and their
+  arguments). Collate runs on the DataLoader workers, so the fields are ready, fixed-shape tensors when the
+  training step gets them (no host work or synchronisation in the step). Builders that draw (which word to
+  mask) use one generator per item seeded from (seed, epoch, pair) (``TrainPairs`` gives each item a
+  ``draw_seed``), so a resumed run draws what an uninterrupted one draws, whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,13 +36,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tbps_lib.data.formats import DatasetError, Record, TBPSDataset, hold_out_validation, load_dataset
-from tbps_lib.data.text import CaptionTokenizer, caption_words
+from tbps_lib.data.text import (CaptionTokenizer, caption_words, choose_phrase_words,
+                                extract_noun_phrases_batch, mask_phrase_word)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_ENV = "TBPS_IMAGE_CACHE_MB"
 DEFAULT_CACHE_MB = 2048
 _FLIP_STREAM = 0x5F11  # keeps the flip draws apart from the samplers' draws of the same (seed, epoch)
+_DRAW_STREAM = 0xD4A3  # the per-item seeds of the batch-field builders (e.g. which phrase word to mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,8 +143,9 @@ class TrainPairs(Dataset):
     """One item per (image, caption) pair of the training split.
 
     Items are dicts: ``image`` (normalised float [3, H, W], flipped when drawn), ``caption``, ``pid``,
-    ``label`` (contiguous training label) and ``image_index`` (the record's index in the split).
-    Call :meth:`set_epoch` before each epoch: it draws that epoch's flips.
+    ``label`` (contiguous training label), ``image_index`` (the record's index in the split) and
+    ``draw_seed`` (for the batch-field builders that draw). Call :meth:`set_epoch` before each epoch: it
+    draws that epoch's flips and item seeds.
     """
 
     def __init__(self, ds: TBPSDataset, size: tuple[int, int], flip: bool, seed: int,
@@ -150,12 +158,18 @@ class TrainPairs(Dataset):
         self.images = ImageStore(ds, self.records, size, cache)
         self.flip, self.seed = flip, seed
         self._flips = np.zeros(len(self.pairs), dtype=bool)
+        self._draw_seeds = self._item_seeds(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the horizontal flips of ``epoch`` (fixed per seed and epoch; none if flip is off)."""
+        """Draw the horizontal flips (none if flip is off) and the item seeds of ``epoch`` (fixed per seed
+        and epoch)."""
+        self._draw_seeds = self._item_seeds(epoch)
         if self.flip:
             rng = np.random.default_rng([self.seed, epoch, _FLIP_STREAM])
             self._flips = rng.random(len(self.pairs)) < 0.5
+
+    def _item_seeds(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, _DRAW_STREAM]).integers(0, 2**62, len(self.pairs))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -166,7 +180,8 @@ class TrainPairs(Dataset):
         if self._flips[index]:
             image = image.flip(-1)
         return {"image": normalize_image(image), "caption": self.records[rec_idx].captions[cap_idx],
-                "pid": int(self.pids[index]), "label": int(self.labels[index]), "image_index": rec_idx}
+                "pid": int(self.pids[index]), "label": int(self.labels[index]), "image_index": rec_idx,
+                "draw_seed": int(self._draw_seeds[index])}
 
 
 class SplitImages(Dataset):
@@ -207,12 +222,14 @@ class SplitCaptions(Dataset):
 # Collate
 
 
-def collate(items: Sequence[dict[str, Any]], tokenizer: CaptionTokenizer | None = None) -> dict[str, Any]:
-    """Stack items into a batch with the keys of ``models/base.py``.
+def collate(items: Sequence[dict[str, Any]], tokenizer: CaptionTokenizer | None = None,
+            fields: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Stack items into a batch with the keys of ``models/base.py``, plus the method's extra ``fields``.
 
     ``images`` [B, 3, H, W] when the items carry images; ``input_ids``, ``attention_mask``,
-    ``token_lengths`` (from ``tokenizer``), ``word_lengths`` and ``captions`` when they carry captions; always ``pids``,
-    ``labels`` and ``image_index``.
+    ``token_lengths`` (from ``tokenizer``), ``word_lengths`` and ``captions`` when they carry captions; always
+    ``pids``, ``labels`` and ``image_index``. ``fields`` (``cfg.model.batch_fields(training)``) maps builder
+    names of :data:`BATCH_FIELDS` to their keyword arguments; builders run on caption batches only.
     """
     if not items:
         raise ValueError("collate got an empty list of items")
@@ -233,7 +250,99 @@ def collate(items: Sequence[dict[str, Any]], tokenizer: CaptionTokenizer | None 
         batch["word_lengths"] = torch.tensor([len(caption_words(c, punctuation=False)) for c in captions],
                                              dtype=torch.long)
         batch["captions"] = captions
+        for name, params in (fields or {}).items():
+            added = batch_field_builder(name)(batch, items, tokenizer, **dict(params))
+            clash = sorted(set(added) & set(batch))
+            if clash:
+                raise ValueError(f"batch field builder {name!r} would overwrite the batch keys {clash}")
+            batch.update(added)
     return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-method batch fields
+
+#: ``builder(batch, items, tokenizer, **params) -> {key: tensor}``: adds fixed-shape tensors to a caption
+#: batch (``batch`` already holds the caption keys). Methods name builders in ``batch_fields``.
+BatchFieldBuilder = Callable[..., dict[str, torch.Tensor]]
+BATCH_FIELDS: dict[str, BatchFieldBuilder] = {}
+
+
+def register_batch_field(name: str) -> Callable[[BatchFieldBuilder], BatchFieldBuilder]:
+    """Decorator: make ``builder`` available to ``batch_fields`` as ``name`` (define it at module level, so
+    DataLoader workers can pickle it)."""
+    def deco(builder: BatchFieldBuilder) -> BatchFieldBuilder:
+        if BATCH_FIELDS.get(name, builder) is not builder:
+            raise ValueError(f"batch field builder {name!r} is registered twice")
+        BATCH_FIELDS[name] = builder
+        return builder
+    return deco
+
+
+def batch_field_builder(name: str) -> BatchFieldBuilder:
+    """The builder registered as ``name``; an unknown name is an error listing the known ones."""
+    if name not in BATCH_FIELDS:
+        raise ValueError(f"unknown batch field {name!r} (from cfg.model.batch_fields); known: {sorted(BATCH_FIELDS)}")
+    return BATCH_FIELDS[name]
+
+
+def item_generator(item: Mapping[str, Any]) -> torch.Generator:
+    """A CPU generator seeded from the item's ``draw_seed`` (0 for evaluation items, which have none)."""
+    return torch.Generator().manual_seed(int(item.get("draw_seed", 0)))
+
+
+@register_batch_field("noun_phrases")
+def noun_phrase_field(batch: Mapping[str, Any], items: Sequence[Mapping[str, Any]], tokenizer: CaptionTokenizer,
+                      max_phrases: int, phrase_length: int, tagger: str = "auto") -> dict[str, torch.Tensor]:
+    """The first ``max_phrases`` (M) noun phrases of each caption (``data.text.extract_noun_phrases``),
+    tokenized separately to ``phrase_length`` (Lp) tokens, [CLS] and [SEP] included:
+
+    ``phrase_ids``, ``phrase_attention_mask`` long [B, M, Lp] (padding rows are all [PAD] / 0),
+    ``phrase_counts`` long [B] (phrases present, at most M) and ``phrase_word_spans`` long [B, M, 2] (each
+    phrase's ``[start, end)`` word range in ``caption_words(caption)``, -1 for padding rows).
+    """
+    if max_phrases < 1 or not 3 <= phrase_length <= tokenizer.max_length:
+        raise ValueError(f"noun_phrases: max_phrases must be >= 1 and phrase_length in [3, text.max_length="
+                         f"{tokenizer.max_length}], got {max_phrases}, {phrase_length}")
+    captions = batch["captions"]
+    found = extract_noun_phrases_batch(captions, max_phrases, tagger)
+    n, m, lp = len(captions), max_phrases, phrase_length
+    ids = torch.full((n, m, lp), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((n, m, lp), dtype=torch.long)
+    spans = torch.full((n, m, 2), -1, dtype=torch.long)
+    counts = torch.tensor([len(np_.phrases) for np_ in found], dtype=torch.long)
+    flat = [p for np_ in found for p in np_.phrases]
+    if flat:
+        enc = tokenizer(flat)
+        p_ids, p_mask = enc["input_ids"][:, :lp].clone(), enc["attention_mask"][:, :lp].clone()
+        cut = enc["attention_mask"].sum(1) > lp  # truncated phrases still end with [SEP]
+        p_ids[cut, lp - 1] = tokenizer.sep_id
+        rows = torch.repeat_interleave(torch.arange(n), counts)
+        slots = torch.cat([torch.arange(int(c)) for c in counts])
+        ids[rows, slots], mask[rows, slots] = p_ids, p_mask
+        spans[rows, slots] = torch.tensor([s for np_ in found for s in np_.word_spans], dtype=torch.long)
+    return {"phrase_ids": ids, "phrase_attention_mask": mask, "phrase_counts": counts,
+            "phrase_word_spans": spans}
+
+
+@register_batch_field("phrase_word_mask")
+def phrase_word_mask_field(batch: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
+                           tokenizer: CaptionTokenizer, tagger: str = "auto") -> dict[str, torch.Tensor]:
+    """LAIP's Mask Phrase Modeling input (its Eq. (11)): one word inside a noun phrase per caption, drawn
+    with the item's generator (``data.text.choose_phrase_words``), has all its pieces replaced by [MASK]
+    (``data.text.mask_phrase_word``):
+
+    ``word_ids`` long [B, L] (``CaptionTokenizer.encode_with_words``), ``mpm_input_ids`` long [B, L],
+    ``mpm_labels`` long [B, L] (the original ids at masked positions, ``IGNORE_INDEX`` elsewhere) and
+    ``mpm_word`` long [B] (the masked word's index, -1 when the caption has no phrase word).
+    """
+    captions = batch["captions"]
+    word_ids = tokenizer.encode_with_words(captions)["word_ids"]
+    found = extract_noun_phrases_batch(captions, None, tagger)
+    chosen = torch.cat([choose_phrase_words(word_ids[i:i + 1], [found[i].word_spans], item_generator(items[i]))
+                        for i in range(len(captions))])
+    masked, labels = mask_phrase_word(batch["input_ids"], word_ids, chosen, tokenizer.mask_id)
+    return {"word_ids": word_ids, "mpm_input_ids": masked, "mpm_labels": labels, "mpm_word": chosen}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,18 +488,20 @@ def build_train_loader(pairs: TrainPairs, cfg: Any, tokenizer: CaptionTokenizer,
         sampler = RandomBatchSampler(len(pairs), cfg.data.batch_size, cfg.seed, num_replicas, rank)
     else:
         raise ValueError(f"data.sampler must be 'identity' or 'random', got {cfg.data.sampler!r}")
+    collate_fn = functools.partial(collate, tokenizer=tokenizer, fields=cfg.model.batch_fields(True))
     loader = DataLoader(pairs, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=functools.partial(collate, tokenizer=tokenizer), pin_memory=pin_memory,
+                        collate_fn=collate_fn, pin_memory=pin_memory,
                         generator=_loader_generator(cfg.seed))
     return loader, sampler
 
 
 def build_eval_loaders(ds: TBPSDataset, split: str, cfg: Any, tokenizer: CaptionTokenizer,
                        pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
-    """(gallery images loader, query captions loader) of ``split``, in record order."""
+    """(gallery images loader, query captions loader) of ``split``, in record order; caption batches carry
+    the method's evaluation fields (``cfg.model.batch_fields(False)``)."""
     cache = cfg.data.num_workers == 0
     common = {"batch_size": cfg.eval.batch_size, "shuffle": False, "pin_memory": pin_memory,
-              "collate_fn": functools.partial(collate, tokenizer=tokenizer)}
+              "collate_fn": functools.partial(collate, tokenizer=tokenizer, fields=cfg.model.batch_fields(False))}
     images = DataLoader(SplitImages(ds, split, cfg.image.img_size, cache), num_workers=cfg.data.num_workers,
                         generator=_loader_generator(cfg.seed), **common)
     captions = DataLoader(SplitCaptions(ds, split), num_workers=0, generator=_loader_generator(cfg.seed),
@@ -400,7 +511,8 @@ def build_eval_loaders(ds: TBPSDataset, split: str, cfg: Any, tokenizer: Caption
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "prepare_dataset", "train_captions", "build_tokenizer", "load_image",
-    "normalize_image", "ImageStore", "TrainPairs", "SplitImages", "SplitCaptions", "collate",
+    "normalize_image", "ImageStore", "TrainPairs", "SplitImages", "SplitCaptions", "collate", "BATCH_FIELDS",
+    "register_batch_field", "batch_field_builder", "item_generator", "noun_phrase_field", "phrase_word_mask_field",
     "EpochBatchSampler", "RandomBatchSampler", "IdentityBalancedSampler", "build_train_loader",
     "build_eval_loaders",
 ]

@@ -1,6 +1,6 @@
 """The training engine every method reuses unchanged: :func:`fit`.
 
-What it does, in order (DESIGN.md, issue 4 "The engine"):
+What it does, in order (``CONTRIBUTING.md``, "The engine"):
 
 * Optimiser: Adam or AdamW over parameter groups. Backbone parameters (``model.backbone_parameters()``)
   get ``lr * backbone_lr_factor``; biases and normalisation weights (1-D parameters) get no weight decay.
@@ -8,6 +8,11 @@ What it does, in order (DESIGN.md, issue 4 "The engine"):
   (x ``gamma`` at each milestone epoch) or ``constant``, each after a linear warm-up of ``warmup_epochs``.
   The learning rate is a pure function of the step, so a resumed run needs no scheduler state but its step.
 * Length: ``optim.epochs`` epochs, cut short by ``optim.max_steps`` when set.
+* Frozen parameters: ``optim.freeze`` prefixes of parameter names get ``requires_grad=False`` before the
+  optimiser is built (:func:`freeze_parameters`); they stay out of it.
+* Training context: before each training forward the model gets ``set_training_context(ctx)`` with a
+  :class:`~tbps_lib.models.base.TrainingContext` (step, epoch, total steps, steps per epoch); after each
+  optimiser step ``after_optimizer_step(ctx)`` (momentum encoders, queues), under ``torch.no_grad``.
 * Precision: bf16 autocast on CUDA, fp32 on CPU (no gradient scaler is needed for bf16).
 * No host synchronisation inside the step loop: loss terms are summed on the device, and the first step
   at which each term is NaN/inf is tracked on the device too; values reach the host only every
@@ -22,8 +27,9 @@ What it does, in order (DESIGN.md, issue 4 "The engine"):
   epoch, step, position in the epoch, running loss sums, the history and the best metric, so a resumed run
   continues exactly (samplers and flips are fixed per (seed, epoch), see ``data/loaders.py``). Resuming
   under a different config is refused with the list of differing fields.
-* DDP (``torchrun``): call :func:`init_distributed` first; each rank gets its slice of every batch, only
-  rank 0 writes files and validates.
+* DDP (``torchrun``): call ``engine.distributed.init_distributed`` first; each rank gets its slice of every
+  batch, only rank 0 writes files and validates; losses that need every rank's features gather them with
+  ``engine.distributed.all_gather_with_grad``.
 * Progress bar (``utils.progress``; ``TBPS_PROGRESS=0`` turns it off) and ``history.jsonl``: one JSON
   line per epoch with each loss term's mean, the learning rate, validation metrics and wall time.
 """
@@ -47,7 +53,9 @@ from tbps_lib.config import config_diff, config_from_dict, config_hash, config_t
 from tbps_lib.data.formats import TBPSDataset
 from tbps_lib.data.loaders import TrainPairs, build_eval_loaders, build_train_loader
 from tbps_lib.data.text import CaptionTokenizer
+from tbps_lib.engine.distributed import barrier, init_distributed, world_info
 from tbps_lib.engine.evaluate import autocast_context, encode_loaders, evaluate, to_device
+from tbps_lib.models.base import TrainingContext
 from tbps_lib.utils import atomic_torch_save, atomic_write_jsonl, progress as progress_bar
 from tbps_lib.utils import seed_everything, select_device
 
@@ -66,35 +74,7 @@ class ResumeError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1) once; return (world_size, rank).
-
-    NCCL on CUDA (each process on ``cuda:LOCAL_RANK``), gloo on CPU. Without torchrun: (1, 0).
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 1, 0
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_world_size(), dist.get_rank()
-
-
-def world_info() -> tuple[int, int]:
-    """(world_size, rank) of the current process group, (1, 0) outside DDP."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _barrier() -> None:
-    if world_info()[0] > 1:
-        dist.barrier()
+# Devices
 
 
 def _device_for_rank(device: str | torch.device | None) -> torch.device:
@@ -107,6 +87,24 @@ def _device_for_rank(device: str | torch.device | None) -> torch.device:
 
 # ----------------------------------------------------------------------------------------------------
 # Optimiser and schedule
+
+
+def freeze_parameters(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    """Set ``requires_grad=False`` on every parameter whose name starts with one of ``prefixes``
+    (``optim.freeze``); return their names. A prefix that matches no parameter is an error listing the
+    top-level modules."""
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unmatched:
+        top = sorted({n.split(".")[0] for n in names})
+        raise ValueError(f"optim.freeze: prefix(es) {unmatched} match no parameter of {type(model).__name__}; "
+                         f"its top-level modules: {top}")
+    frozen = []
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
@@ -352,8 +350,15 @@ def _check_losses(out: Any, model: nn.Module) -> dict[str, Tensor]:
 
 
 def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer, device: torch.device,
-               clip_grad: float | None) -> dict[str, Tensor]:
-    """One optimisation step; returns the loss terms (still on the device)."""
+               clip_grad: float | None, ctx: TrainingContext | None = None) -> dict[str, Tensor]:
+    """One optimisation step; returns the loss terms (still on the device).
+
+    With ``ctx``, the (unwrapped) model gets ``set_training_context(ctx)`` before the forward and
+    ``after_optimizer_step(ctx)`` after the optimiser step (under ``torch.no_grad``).
+    """
+    inner = _unwrap(model)
+    if ctx is not None:
+        inner.set_training_context(ctx)
     with autocast_context(device):
         out = _check_losses(model(to_device(batch, device)), model)
     optimizer.zero_grad(set_to_none=True)
@@ -361,6 +366,9 @@ def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.O
     if clip_grad:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     optimizer.step()
+    if ctx is not None:
+        with torch.no_grad():
+            inner.after_optimizer_step(ctx)
     return out
 
 
@@ -396,6 +404,7 @@ class _Fit:
         self.out_dir, self.log_every = Path(out_dir), max(1, log_every)
         self.show = show and self.rank == 0
         self.model = model.to(device)
+        freeze_parameters(self.model, tuple(cfg.optim.freeze))
         self.pairs = TrainPairs(ds, cfg.image.img_size, cfg.data.flip, cfg.seed, cache=cfg.data.num_workers == 0)
         self.loader, self.sampler = build_train_loader(self.pairs, cfg, tokenizer, device.type == "cuda",
                                                        self.world, self.rank)
@@ -460,7 +469,7 @@ class _Fit:
             images, captions = self.val_loaders
             encoded = encode_loaders(self.model, images, captions, "val", self.device, progress=False)
             metrics = evaluate(self.model, encoded)
-        _barrier()
+        barrier()
         return metrics
 
     def end_epoch(self, epoch: int, meter: LossMeter) -> None:
@@ -506,7 +515,9 @@ class _Fit:
                     self.sampler.set_epoch(epoch, self.state.batch_in_epoch)
                     for batch in self.loader:
                         self.schedule.apply(self.optimizer, self.state.step)
-                        losses = train_step(self.ddp, batch, self.optimizer, self.device, self.cfg.optim.clip_grad)
+                        ctx = TrainingContext(self.state.step, epoch, self.total_steps, self.steps_per_epoch)
+                        losses = train_step(self.ddp, batch, self.optimizer, self.device, self.cfg.optim.clip_grad,
+                                            ctx)
                         meter.add(losses, self.state.step)
                         self.state.step += 1
                         self.state.batch_in_epoch += 1
@@ -579,12 +590,12 @@ def fit(model: nn.Module, dataset: TBPSDataset, tokenizer: CaptionTokenizer, cfg
     job.load_best()
     started = time.perf_counter()
     test = job.test() if run_test else None
-    _barrier()
+    barrier()
     return FitResult(out_dir, job.state.best_epoch, job.state.best_step, job.state.best_val, test,
                      job.state.epoch, job.state.step, job.state.train_time_s, job.state.history,
                      resumed_from_step=resumed, test_time_s=time.perf_counter() - started)
 
 
 __all__ = ["LAST", "BEST", "HISTORY", "TrainingError", "ResumeError", "init_distributed", "world_info",
-           "build_optimizer", "LRSchedule", "plan_steps", "TrainState", "rng_state", "set_rng_state",
+           "freeze_parameters", "build_optimizer", "LRSchedule", "plan_steps", "TrainState", "rng_state", "set_rng_state",
            "load_checkpoint", "load_weights", "check_same_config", "LossMeter", "train_step", "FitResult", "fit"]
