@@ -118,9 +118,9 @@ def test_list_runs(trained, tmp_path):
 
 
 def test_interrupted_run_is_resumed(data, tmp_path, trained):
-    cfg = toy_config(data)
-    ds = runs.prepare_dataset(cfg)
-    run_dir = tmp_path / runs.run_name(resolve_config(cfg, ds))
+    ds = runs.prepare_dataset(toy_config(data))
+    cfg = resolve_config(toy_config(data), ds)  # what train_or_load writes (model.num_classes filled in)
+    run_dir = tmp_path / runs.run_name(cfg)
     tokenizer = runs._prepare_folder(run_dir, cfg, ds)
     from tbps_lib.models.registry import build_model
     from tbps_lib.utils import seed_everything

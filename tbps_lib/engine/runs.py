@@ -8,7 +8,8 @@ Layout of ``<runs>/<method>-<config_hash>/``::
     history.jsonl     one line per epoch: loss terms, lr, validation metrics, wall time
     metrics.json      val metrics of the selected checkpoint and the test metrics (evaluated once), with
                       provenance: method, config hash, dataset, seed, preset, device, wall time, library
-                      version, the initialisation of each encoder and the dataset's notes (val hold-out)
+                      version, the initialisation of each encoder, the run or checkpoint the model started
+                      from (``init_from``, with the source run's config hash) and the dataset's notes
     embeddings/       cached encodings per split (Run.embeddings)
 
 ``train_or_load(cfg)`` trains only what is missing: nothing when ``metrics.json`` exists, the rest of an
@@ -37,6 +38,7 @@ from tbps_lib.data.formats import TBPSDataset
 from tbps_lib.data.loaders import build_tokenizer, prepare_dataset, train_captions
 from tbps_lib.data.text import CaptionTokenizer
 from tbps_lib.engine import trainer
+from tbps_lib.engine.distributed import barrier, world_info
 from tbps_lib.engine.evaluate import Encoded, encode, evaluate
 from tbps_lib.models.base import RetrievalModel
 from tbps_lib.models.registry import build_model
@@ -101,6 +103,58 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RunError(f"{path} is not valid JSON ({e})") from e
+
+
+def init_source(cfg: Config, runs_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The weights file ``cfg.init`` names and its provenance, or None when the model starts fresh.
+
+    ``init.from_run``: a folder path, a run name (``<method>-<config_hash>``) or a bare config hash under the
+    runs root; the run must be finished (its selected weights, ``best.pt``, are taken). ``init.checkpoint``:
+    a checkpoint file. The provenance names the source and, for a run, its method and config hash.
+    """
+    init = cfg.init
+    if init.from_run and init.checkpoint:
+        raise ValueError(f"init.from_run ({init.from_run!r}) and init.checkpoint ({init.checkpoint!r}) are both "
+                         "set; give one")
+    if init.checkpoint:
+        path = Path(init.checkpoint).expanduser()
+        if not path.is_file():
+            raise RunError(f"init.checkpoint: {path} is not a file")
+        return path, {"kind": "checkpoint", "path": str(path)}
+    if not init.from_run:
+        return None
+    root, ref = runs_root(runs_dir), init.from_run
+    candidates = [Path(ref).expanduser(), root / ref]
+    found = [c for c in candidates if (c / CONFIG_FILE).is_file()]
+    if not found:
+        found = sorted(p.parent for p in root.glob(f"*-{ref}/{CONFIG_FILE}")) if root.is_dir() else []
+    if len(found) != 1:
+        what = "no run folder" if not found else f"{len(found)} run folders ({', '.join(map(str, found))})"
+        raise RunError(f"init.from_run = {ref!r}: {what} found (as a folder, a run name or a config hash under "
+                       f"{root}); train the source run first (train_or_load of its config)")
+    source = found[0]
+    if not (source / METRICS_FILE).is_file():
+        raise RunError(f"init.from_run = {ref!r}: {source} has not finished training (no {METRICS_FILE})")
+    stored = config_from_dict(_read_json(source / CONFIG_FILE))
+    best = trainer.load_checkpoint(source / trainer.BEST)
+    return source / trainer.BEST, {"kind": "run", "run": source.name, "path": str(source / trainer.BEST),
+                                   "method": stored.method, "config_hash": config_hash(stored),
+                                   "selected": {"epoch": int(best["epoch"]), "step": int(best["step"])}}
+
+
+def initialise(model: torch.nn.Module, cfg: Config, runs_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """Load the weights ``cfg.init`` names into ``model`` (``trainer.init_weights``: every key must match
+    unless ``init.skip`` exempts it); return the provenance for ``metrics.json`` (None: fresh model)."""
+    found = init_source(cfg, runs_dir)
+    if found is None:
+        return None
+    path, provenance = found
+    ckpt = trainer.load_checkpoint(path)
+    state = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
+    provenance["tensors"] = trainer.init_weights(model, state, tuple(cfg.init.skip), str(path))
+    if cfg.init.skip:
+        provenance["skip"] = list(cfg.init.skip)
+    return provenance
 
 
 def _encoder_init(model: RetrievalModel) -> dict[str, str]:
@@ -223,7 +277,7 @@ class Run:
     def provenance(self, split: str | None = None) -> dict[str, Any]:
         """Where a number comes from: the provenance fields of ``metrics.json`` (plus ``split``)."""
         keep = ("method", "config_hash", "preset", "dataset", "seed", "device", "library_version", "init",
-                "dataset_notes", "selected", "wall_time_s")
+                "init_from", "dataset_notes", "selected", "wall_time_s")
         prov = {k: v for k, v in self.metrics.items() if k in keep}
         if split is not None:
             prov["split"] = split
@@ -257,15 +311,15 @@ def _prepare_folder(run_dir: Path, cfg: Config, ds: TBPSDataset) -> CaptionToken
 
 
 def _write_metrics(run_dir: Path, cfg: Config, ds: TBPSDataset, model: torch.nn.Module, result: trainer.FitResult,
-                   device: torch.device) -> None:
+                   device: torch.device, init_from: dict[str, Any] | None) -> None:
     metrics = {
         "method": cfg.method, "config_hash": config_hash(cfg), "preset": cfg.preset,
         "dataset": cfg.data.dataset, "dataset_name": ds.name, "seed": cfg.seed,
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"),
-        "world_size": trainer.world_info()[0],
+        "world_size": world_info()[0],
         "library_version": library_version(), "torch_version": torch.__version__,
-        "init": _encoder_init(model), "dataset_notes": list(ds.report.notes),
+        "init": _encoder_init(model), "init_from": init_from, "dataset_notes": list(ds.report.notes),
         "selected": {"epoch": result.best_epoch, "step": result.best_step,
                      "select_metric": cfg.eval.select_metric},
         "epochs": result.epochs, "steps": result.steps,
@@ -276,13 +330,15 @@ def _write_metrics(run_dir: Path, cfg: Config, ds: TBPSDataset, model: torch.nn.
 
 
 def _train(run_dir: Path, cfg: Config, ds: TBPSDataset, tokenizer: CaptionTokenizer, device: torch.device,
-           progress: bool) -> None:
-    """Build the model and fit (resuming ``last.pt`` if there is one); rank 0 writes metrics.json."""
+           progress: bool, runs_dir: str | Path | None) -> None:
+    """Build the model, initialise it as ``cfg.init`` says and fit (resuming ``last.pt`` if there is one);
+    rank 0 writes metrics.json."""
     seed_everything(cfg.seed)
     model = build_model(cfg)
+    init_from = initialise(model, cfg, runs_dir)
     result = trainer.fit(model, ds, tokenizer, cfg, run_dir, device=device, progress=progress)
-    if trainer.world_info()[1] == 0:
-        _write_metrics(run_dir, cfg, ds, model, result, device)
+    if world_info()[1] == 0:
+        _write_metrics(run_dir, cfg, ds, model, result, device, init_from)
 
 
 def train_or_load(cfg: Config, runs_dir: str | Path | None = None, progress: bool = True,
@@ -298,19 +354,19 @@ def train_or_load(cfg: Config, runs_dir: str | Path | None = None, progress: boo
     chosen = select_device(device)
     if (run_dir / METRICS_FILE).is_file():
         return Run(run_dir, cfg, chosen, ds)
-    world, rank = trainer.world_info()
+    world, rank = world_info()
     if world > 1:  # rank 0 prepares the folder, the others wait and read its tokenizer
         tokenizer = _prepare_folder(run_dir, cfg, ds) if rank == 0 else None
-        trainer._barrier()
+        barrier()
         tokenizer = tokenizer or CaptionTokenizer.load(run_dir / TOKENIZER_DIR)
-        _train(run_dir, cfg, ds, tokenizer, chosen, progress)
-        trainer._barrier()
+        _train(run_dir, cfg, ds, tokenizer, chosen, progress, runs_dir)
+        barrier()
         return Run(run_dir, cfg, chosen, ds, trained_now=True)
     with run_lock(run_dir):
         if (run_dir / METRICS_FILE).is_file():  # another process finished it while we waited
             return Run(run_dir, cfg, chosen, ds)
         tokenizer = _prepare_folder(run_dir, cfg, ds)
-        _train(run_dir, cfg, ds, tokenizer, chosen, progress)
+        _train(run_dir, cfg, ds, tokenizer, chosen, progress, runs_dir)
     return Run(run_dir, cfg, chosen, ds, trained_now=True)
 
 
@@ -375,5 +431,5 @@ def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-__all__ = ["RunError", "runs_root", "run_name", "resolve_config", "run_lock", "Run", "load_run",
+__all__ = ["RunError", "runs_root", "run_name", "resolve_config", "init_source", "initialise", "run_lock", "Run", "load_run",
            "train_or_load", "find_run", "list_runs"]

@@ -277,6 +277,39 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
                           f"to retrain it.") from None
 
 
+def init_weights(model: nn.Module, state: dict[str, Tensor], skip: tuple[str, ...], source: str) -> int:
+    """Initialise ``model`` from ``state`` (``init.from_run`` / ``init.checkpoint``); return the number of
+    tensors taken.
+
+    Every key must be present on both sides with the same shape, except keys starting with a ``skip``
+    prefix (``init.skip``): the source's are ignored and the model's keep their fresh initialisation. A
+    mismatch is an error listing every missing, unexpected and mis-shaped key; a skip prefix matching no key
+    on either side is an error too.
+    """
+    own = model.state_dict()
+    skipped = [p for p in skip if not any(k.startswith(p) for k in (*own, *state))]
+    if skipped:
+        raise ValueError(f"init.skip: prefix(es) {skipped} match no key of {source} or of the "
+                         f"{type(model).__name__}")
+
+    def keep(key: str) -> bool:
+        return not any(key.startswith(p) for p in skip)
+
+    missing = [k for k in own if keep(k) and k not in state]
+    unexpected = [k for k in state if keep(k) and k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in own
+              if keep(k) and k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys)}" for name, keys in
+                 (("missing in the source", missing), ("not in the model", unexpected),
+                  ("shape source -> model", shapes)) if keys]
+        raise ValueError(f"cannot initialise the {type(model).__name__} from {source}: " + "; ".join(parts)
+                         + ". List prefixes to leave out in init.skip (e.g. init.skip=classifier).")
+    taken = {k: v for k, v in state.items() if keep(k)}
+    model.load_state_dict(taken, strict=False)
+    return len(taken)
+
+
 def check_same_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
     """Refuse to resume ``path`` (saved under config ``saved``) with a different ``cfg``."""
     diff = config_diff(config_from_dict(saved), cfg)
@@ -598,4 +631,4 @@ def fit(model: nn.Module, dataset: TBPSDataset, tokenizer: CaptionTokenizer, cfg
 
 __all__ = ["LAST", "BEST", "HISTORY", "TrainingError", "ResumeError", "init_distributed", "world_info",
            "freeze_parameters", "build_optimizer", "LRSchedule", "plan_steps", "TrainState", "rng_state", "set_rng_state",
-           "load_checkpoint", "load_weights", "check_same_config", "LossMeter", "train_step", "FitResult", "fit"]
+           "load_checkpoint", "load_weights", "init_weights", "check_same_config", "LossMeter", "train_step", "FitResult", "fit"]
