@@ -4,7 +4,7 @@
 answers free-text queries with :meth:`CaptionSearch.search`, which returns the top-k images as a table.
 The demo app (``tbps_lib.demo``) and ``tbps search`` use it.
 
-Scoring keeps the method contract (DESIGN.md, "Contracts every method keeps"): the caption is encoded with
+Scoring keeps the method contract (``CONTRIBUTING.md``, "The method contract"): the caption is encoded with
 ``model.encode_texts`` (a batch made by the shared ``collate``, as in evaluation) and scored with
 ``model.similarity``, so methods with several embeddings or a pairwise scorer rank exactly as they do in
 evaluation. Methods that keep the default scoring (cosine of the ``"global"`` embeddings) take a fast

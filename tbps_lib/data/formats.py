@@ -11,7 +11,7 @@ lenient mode, was skipped. The three formats:
 * RSTPReid    ``data_captions.json``: list of ``{"id", "img_path", "captions", "split"}``, splits
   train/val/test, images in a flat ``imgs/`` folder.
 
-Validation (DESIGN.md, "Bad input never passes silently"): a missing annotation file (naming every file
+Validation (``CONTRIBUTING.md``, "Bad input never passes silently"): a missing annotation file (naming every file
 name tried), an unknown split, missing or non-string captions, an empty caption, a missing image file
 (counted, the first few listed), and duplicate image entries. ``strict=True`` raises
 :class:`DatasetError` naming the file and the record; ``strict=False`` skips such records and counts

@@ -1,6 +1,6 @@
 """Evaluation: encode a split's gallery and queries, score them in chunks, rank, optionally re-rank.
 
-The protocol (DESIGN.md, "Evaluation protocol"): queries are every caption of the split, the gallery is
+The protocol (``CONTRIBUTING.md``, "Protocol rules"): queries are every caption of the split, the gallery is
 every image of the split, a hit is an image of the same person. :func:`encode` runs the model in eval mode
 without gradients (bf16 autocast on CUDA) and returns an :class:`Encoded`, whose feature dicts live on the
 CPU as float32 so they can be cached on disk. :func:`evaluate` scores texts against images with the

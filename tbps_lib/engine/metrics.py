@@ -2,7 +2,7 @@
 
 Every paper in the workbook reports text-to-image Rank-1/5/10 (LAIP adds mAP); mINP (Ye et al.,
 "Deep Learning for Person Re-identification", TPAMI 2021) measures how hard the last true match is to
-find. Definitions (DESIGN.md, "Evaluation protocol"), for one query whose gallery holds ``m`` hits
+find. Definitions (``CONTRIBUTING.md``, "Protocol rules"), for one query whose gallery holds ``m`` hits
 (images of the same person) at 1-based ranks ``r_1 < ... < r_m``:
 
 * R@K  = 1 if ``r_1 <= K`` else 0;

@@ -431,5 +431,6 @@ def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-__all__ = ["RunError", "runs_root", "run_name", "resolve_config", "init_source", "initialise", "run_lock", "Run", "load_run",
+__all__ = ["RunError", "runs_root", "run_name", "resolve_config", "init_source", "initialise", "run_lock", "Run",
+           "load_run",
            "train_or_load", "find_run", "list_runs"]

@@ -630,5 +630,6 @@ def fit(model: nn.Module, dataset: TBPSDataset, tokenizer: CaptionTokenizer, cfg
 
 
 __all__ = ["LAST", "BEST", "HISTORY", "TrainingError", "ResumeError", "init_distributed", "world_info",
-           "freeze_parameters", "build_optimizer", "LRSchedule", "plan_steps", "TrainState", "rng_state", "set_rng_state",
-           "load_checkpoint", "load_weights", "init_weights", "check_same_config", "LossMeter", "train_step", "FitResult", "fit"]
+           "freeze_parameters", "build_optimizer", "LRSchedule", "plan_steps", "TrainState", "rng_state",
+           "set_rng_state", "load_checkpoint", "load_weights", "init_weights", "check_same_config", "LossMeter",
+           "train_step", "FitResult", "fit"]

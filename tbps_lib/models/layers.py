@@ -1,6 +1,6 @@
 """Layers shared by the methods: masked poolers and the projection of backbone features to the joint space.
 
-Kept in one place (DESIGN.md, "nothing is written twice"), so every method pools and projects the same way.
+Kept in one place (``CONTRIBUTING.md``, "Nothing is written twice"), so every method pools and projects the same way.
 """
 from __future__ import annotations
 
