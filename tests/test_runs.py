@@ -6,7 +6,6 @@ import multiprocessing
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +16,7 @@ from tbps_lib.config import Config, config_hash
 from tbps_lib.engine import runs
 from tbps_lib.engine.runs import RunError, list_runs, load_run, resolve_config, train_or_load
 from tbps_lib.engine.trainer import ResumeError, fit
+from tbps_lib.models.base import MethodConfig
 from test_trainer import _toy_registered, register_toy, toy_config, write_toy_dataset  # noqa: F401
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -158,16 +158,11 @@ def test_load_run_errors_name_the_folder(tmp_path):
         load_run(tmp_path)
 
 
-@dataclass(frozen=True)
-class _WithClasses:
-    num_classes: int = 0
-
-
 def test_resolve_config_fills_num_classes(data):
     ds = runs.prepare_dataset(toy_config(data))
-    cfg = Config(method="x", model=_WithClasses())
+    cfg = Config(method="x", model=MethodConfig())  # the default resolve_from_data of every method config
     assert resolve_config(cfg, ds).model.num_classes == 30
-    assert resolve_config(Config(method="x", model=_WithClasses(7)), ds).model.num_classes == 7
+    assert resolve_config(Config(method="x", model=MethodConfig(7)), ds).model.num_classes == 7
 
 
 # ----------------------------------------------------------------------------------------------------
