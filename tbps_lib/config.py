@@ -180,9 +180,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(annotation) and isinstance(value, Mapping):
         return _from_dict(annotation, value, where)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace("x", ",").split(",") if v.strip()] if value else []
         item = args[0] if args else Any
+        if isinstance(value, str):  # "20,40", "384x128" (numbers only), "image_encoder,text_encoder"
+            text = value.replace("x", ",") if item in (int, float) else value
+            value = [v.strip() for v in text.split(",") if v.strip()]
         return tuple(_coerce(v, item, where) for v in value)
     if annotation is bool:
         if isinstance(value, str):

@@ -88,3 +88,10 @@ def test_make_config_applies_preset_then_changes():
         make_config("_config_toy", "large")
     with pytest.raises(ValueError, match="unknown method 'nope'; registered methods"):
         make_config("nope")
+
+
+def test_string_tuples_split_on_x_only_for_numbers():
+    cfg = override(_cfg(), {"optim.freeze": "image_encoder, text_encoder", "init.skip": "classifier",
+                            "image.img_size": "384x128"})
+    assert cfg.optim.freeze == ("image_encoder", "text_encoder") and cfg.init.skip == ("classifier",)
+    assert cfg.image.img_size == (384, 128)

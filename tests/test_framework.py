@@ -29,6 +29,7 @@ from tbps_lib.engine.distributed import all_gather_no_grad, all_gather_with_grad
 from tbps_lib.models import registry
 from tbps_lib.models.base import MethodConfig, RetrievalModel, TrainingContext
 from tbps_lib.search import CaptionSearch
+from tbps_lib.utils import seed_everything
 
 NAME = "momentum_toy"
 
@@ -346,3 +347,34 @@ def test_all_gather_with_grad_matches_one_process(tmp_path):
         torch.testing.assert_close(got["img_grad"], img.grad[2 * r:2 * r + 2])
         torch.testing.assert_close(got["txt_grad"], txt.grad[2 * r:2 * r + 2])  # gradients of every rank's loss
     assert all_gather_with_grad(img) is img  # identity outside DDP
+
+
+def _fit_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), TBPS_PROGRESS="0")
+    torch.set_num_threads(1)
+    register()
+    trainer.init_distributed()
+    try:
+        cfg = _resolved(Path(data), **{"optim.max_steps": 4})
+        result, model = _train(cfg, Path(out) / "run", run_test=False)
+        last = trainer.load_checkpoint(Path(out) / "run" / trainer.LAST)["model"] if rank == 0 else None
+        torch.save({"state": last, "live": {k: v.clone() for k, v in model.state_dict().items()},
+                    "hook_calls": int(model.hook_calls)}, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_keeps_momentum_encoders_and_queue_in_step(data, tmp_path):
+    """Two gloo processes: the queue takes the gathered momentum features of the global batch (16 per step),
+    so both ranks hold the same queue, pointer and momentum encoders."""
+    torch.multiprocessing.start_processes(_fit_worker, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2,
+                                          start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["hook_calls"] == r1["hook_calls"] == 4
+    assert int(r0["state"]["queue_ptr"]) == (4 * 16) % 24
+    assert r0["live"].keys() == r1["live"].keys() and {"queue", "text_encoder_m.weight"} <= set(r0["live"])
+    assert all(torch.equal(r0["live"][k], r1["live"][k]) for k in r0["live"])
+    seed_everything(0)  # the queue the runs started with (as _train builds the model)
+    initial = registry.build_model(_resolved(data, **{"optim.max_steps": 4})).queue
+    assert not torch.equal(r0["state"]["queue"], initial)  # 64 keys went through the 24 slots
