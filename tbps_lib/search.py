@@ -193,7 +193,7 @@ class CaptionSearch:
         """``model.encode_texts`` of one caption, batched by the shared ``collate`` with the method's
         evaluation fields, as in evaluation."""
         batch = collate([{"caption": caption, "pid": -1, "label": -1, "image_index": -1}], self.tokenizer,
-                        fields=self.model.cfg.model.batch_fields(False))
+                        fields=self.model.batch_fields(False))
         with autocast_context(self.device):
             feats = self.model.encode_texts(to_device(batch, self.device))
         return {k: v.float() for k, v in feats.items()}

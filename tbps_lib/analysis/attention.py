@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from tbps_lib.analysis.figures import clear_image_axes
 from tbps_lib.data.loaders import collate, load_image, normalize_image
 from tbps_lib.data.text import CaptionTokenizer, caption_words
+from tbps_lib.models.base import RetrievalModel
 
 WEIGHTINGS = ("gradcam", "hirescam")
 
@@ -222,10 +223,12 @@ def gradient_map(tokens: Tensor, grads: Tensor, grid: tuple[int, int], weighting
     return F.relu(cam).reshape(tokens.shape[0], h, w)
 
 
-def text_batch(captions: Sequence[str], tokenizer: CaptionTokenizer, device: torch.device) -> dict[str, Any]:
-    """A query batch for ``encode_texts`` (the evaluation collate: ids, mask, lengths, captions)."""
+def text_batch(captions: Sequence[str], tokenizer: CaptionTokenizer, device: torch.device,
+               model: RetrievalModel | None = None) -> dict[str, Any]:
+    """A query batch for ``encode_texts`` (the evaluation collate: ids, mask, lengths, captions, and, given
+    the ``model``, its method's evaluation fields ``cfg.model.batch_fields(False)``)."""
     items = [{"caption": c, "pid": -1, "label": -1, "image_index": i} for i, c in enumerate(captions)]
-    batch = collate(items, tokenizer)
+    batch = collate(items, tokenizer, model.batch_fields(False) if model is not None else None)
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
@@ -264,7 +267,7 @@ def caption_maps(model: nn.Module, images: Tensor, captions: Sequence[str], toke
         raise ValueError(f"{images.shape[0]} images but {len(captions)} captions: pairs are (image i, caption i)")
     device = _model_device(model)
     with _eval_mode(model), ImageTokenCapture(model, layer) as cap, cap.recording():
-        scores = _scores(model, images.to(device), text_batch(captions, tokenizer, device), cap).diagonal()
+        scores = _scores(model, images.to(device), text_batch(captions, tokenizer, device, model), cap).diagonal()
         maps = cap.gradient_map(scores.sum(), weighting)
     return HeatmapResult(maps, scores.detach(), cap.grid)
 
@@ -294,7 +297,7 @@ def word_maps(model: nn.Module, image: Tensor, caption: str, spans: Sequence[tup
     image = image.unsqueeze(0) if image.dim() == 3 else image
     texts = [" ".join(caption_words(caption))] + [without_span(caption, s) for s in spans]
     with _eval_mode(model), ImageTokenCapture(model, layer) as cap, cap.recording():
-        scores = _scores(model, image.to(device), text_batch(texts, tokenizer, device), cap)[:, 0]
+        scores = _scores(model, image.to(device), text_batch(texts, tokenizer, device, model), cap)[:, 0]
         deltas = scores[0] - scores[1:]
         targets = [scores[0], *deltas]
         maps = torch.cat([cap.gradient_map(t, weighting, retain_graph=k < len(spans))
@@ -339,7 +342,7 @@ def decoder_word_maps(model: nn.Module, image: Tensor, caption: str, word_indice
     text = " ".join(caption_words(caption))
     words = tokenizer.encode_with_words([text])["word_ids"][0].to(device)
     with _eval_mode(model), torch.no_grad():
-        weights, grid = model.decoder_attention(image.to(device), text_batch([text], tokenizer, device))
+        weights, grid = model.decoder_attention(image.to(device), text_batch([text], tokenizer, device, model))
     select = torch.stack([(words == w).float() for w in word_indices])  # [K, L]
     rows = select @ weights[0].float() / select.sum(dim=1, keepdim=True).clamp_min(1.0)  # [K, N]
     maps = cross_attention_maps(rows, grid)

@@ -35,7 +35,8 @@ exact resume keep them.
 
 Config hooks (:class:`MethodConfig`, each with a default): ``num_classes`` (filled with the number of
 training identities), ``resolve_from_data(ds)`` (fills data-derived fields), ``batch_fields(training)``
-(extra batch fields the loaders build, see ``data/loaders.py`` ``BATCH_FIELDS``).
+(extra batch fields the loaders build, see ``data/loaders.py`` ``BATCH_FIELDS``; ``model.batch_fields``
+reads it for code that holds only the model, such as caption search).
 
 Training-only modules (decoders, classifiers, momentum copies) are never used by ``encode_*`` or
 ``similarity``.
@@ -170,6 +171,12 @@ class RetrievalModel(nn.Module):
             if module is not None:
                 params.extend(p for p in module.parameters() if p.requires_grad)
         return params
+
+    def batch_fields(self, training: bool) -> Mapping[str, Mapping[str, Any]]:
+        """The extra batch fields of the method (``cfg.model.batch_fields``; not a hook, override it on the
+        config); none for a model built without a ``MethodConfig`` (tests)."""
+        method_cfg = getattr(self.cfg, "model", None)
+        return method_cfg.batch_fields(training) if isinstance(method_cfg, MethodConfig) else {}
 
     # -- reports --------------------------------------------------------------------------------------
     def pretrained_sources(self) -> dict[str, str | None]:
