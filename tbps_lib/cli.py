@@ -236,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
     p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
     p.add_argument("--split", default="test", help="val or test (default test)")
-    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal"],
-                   help="re-rank the text-to-image scores")
+    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal", "k_reciprocal_paper"],
+                   help="re-rank the text-to-image scores (k_reciprocal: the released code's form; "
+                        "k_reciprocal_paper: the paper text's)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
     p.add_argument("--json", action="store_true", help="print metrics and provenance as JSON")
     p.set_defaults(func=cmd_eval)
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
     p.add_argument("caption", help="the description of a person, in quotes")
     p.add_argument("--k", type=int, default=10, help="how many images to list (default 10)")
-    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal"],
+    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal", "k_reciprocal_paper"],
                    help="re-rank the scores with the gallery's visual neighbourhoods")
     p.add_argument("--split", default="test", help="the gallery: every image of this split (default test)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")

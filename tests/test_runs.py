@@ -101,8 +101,9 @@ def test_cross_domain_evaluation_uses_the_other_dataset_and_its_own_cache(traine
 def test_reranked_evaluation(trained):
     run, _ = trained
     plain = run.evaluate("test")
-    for method in ("visual_neighbors", "k_reciprocal"):
+    for method in ("visual_neighbors", "k_reciprocal", "k_reciprocal_paper"):
         reranked = run.evaluate("test", rerank=method)
+        assert reranked.pop("rerank") == method  # every re-ranked result names its form
         assert set(reranked) == set(plain) and all(0 <= v <= 100 for v in reranked.values())
     with pytest.raises(ValueError, match="unknown re-ranking 'nafs'"):
         run.evaluate("test", rerank="nafs")

@@ -8,9 +8,13 @@ method's own ``model.similarity`` (chunked) and computes ``rank_metrics``.
 
 Re-ranking ("+R" in the papers) uses the same model's ``"global"`` embeddings for the extra similarities
 it needs: image-image cosine for ``visual_neighbors`` (NAFS style), and image-image plus text-text cosine
-for ``k_reciprocal`` (Zhong et al. 2017). ``k_reciprocal`` treats scores as cosines (its distance is
+for the k-reciprocal forms (Zhong et al. 2017): ``"k_reciprocal"`` is the authors' released code (distance
+columns divided by their maximum, V rows by their sum), the form behind re-id and TBPS papers' "+R"
+numbers; ``"k_reciprocal_paper"`` is the paper text's form without those normalisations
+(``tbps_lib.engine.rerank.k_reciprocal``, ``form=``). Both treat scores as cosines (their distance is
 2 - 2s), so text-image scores outside [-1, 1] (methods that add several cosines) are divided by their
-largest magnitude first; ranking by the unscaled scores is unchanged by this.
+largest magnitude first; ranking by the unscaled scores is unchanged by this. A re-ranked metrics dict
+names the re-ranking it used under ``"rerank"`` (:data:`RERANK_FORMS` describes each name).
 """
 from __future__ import annotations
 
@@ -30,7 +34,14 @@ from tbps_lib.engine import rerank as rerank_lib
 from tbps_lib.engine.metrics import rank_metrics
 from tbps_lib.utils import progress as progress_bar
 
-RERANKERS = ("visual_neighbors", "k_reciprocal")
+RERANKERS = ("visual_neighbors", "k_reciprocal", "k_reciprocal_paper")
+#: What each re-ranking name means (shown wherever a re-ranked number is reported).
+RERANK_FORMS = {
+    "visual_neighbors": "NAFS-style overlap of textual and visual neighbourhoods",
+    "k_reciprocal": "k-reciprocal, released code (distance columns / max, V rows / sum)",
+    "k_reciprocal_paper": "k-reciprocal, paper text (no normalisations)",
+}
+_K_RECIPROCAL_FORM = {"k_reciprocal": "released", "k_reciprocal_paper": "paper"}
 
 
 @dataclass
@@ -174,8 +185,9 @@ def _chunked_cosine(a: Tensor, b: Tensor, chunk_size: int) -> Tensor:
 
 def rerank_similarity(model: torch.nn.Module, encoded: Encoded, sim: Tensor, method: str,
                       params: Mapping[str, Any] | None = None, chunk_size: int | None = None) -> Tensor:
-    """Re-ranked text-to-image scores: ``method`` is ``visual_neighbors`` or ``k_reciprocal``;
-    ``params`` go to the function of ``tbps_lib.engine.rerank`` (k, weight / k1, k2, lambda_value)."""
+    """Re-ranked text-to-image scores: ``method`` is one of :data:`RERANKERS` (``k_reciprocal`` the released
+    code's form, ``k_reciprocal_paper`` the paper text's); ``params`` go to the function of
+    ``tbps_lib.engine.rerank`` (k, weight / k1, k2, lambda_value)."""
     if method not in RERANKERS:
         raise ValueError(f"unknown re-ranking {method!r}; choose one of {list(RERANKERS)} or None")
     params = dict(params or {})
@@ -187,22 +199,27 @@ def rerank_similarity(model: torch.nn.Module, encoded: Encoded, sim: Tensor, met
     txt = _global(encoded.text_feats, "text", sim.device)
     text_text = _chunked_cosine(txt, txt, chunk_size)
     scale = sim.abs().max().clamp(min=1.0)  # k_reciprocal assumes cosine scores in [-1, 1]
-    return rerank_lib.k_reciprocal(sim / scale, text_text, image_image, **params)
+    return rerank_lib.k_reciprocal(sim / scale, text_text, image_image, **params,
+                                   form=_K_RECIPROCAL_FORM[method])
 
 
 def evaluate(model: torch.nn.Module, encoded: Encoded, rerank: str | None = None,
              rerank_params: Mapping[str, Any] | None = None, chunk_size: int | None = None,
-             ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+             ks: Iterable[int] = (1, 5, 10)) -> dict[str, Any]:
     """R1/R5/R10/mAP/mINP (percent) of text-to-image retrieval on ``encoded``.
 
-    ``rerank``: None, ``"visual_neighbors"`` or ``"k_reciprocal"`` (see the module docstring);
+    ``rerank``: None or one of :data:`RERANKERS` (see the module docstring); a re-ranked result also
+    holds ``"rerank"``: the name, so the form of k-reciprocal re-ranking travels with the numbers.
     ``chunk_size``: text rows per similarity chunk (default ``model.cfg.eval.chunk_size``).
     """
     sim = similarity(model, encoded, chunk_size)
     if rerank is not None:
         sim = rerank_similarity(model, encoded, sim, rerank, rerank_params, chunk_size)
-    return rank_metrics(sim, encoded.query_pids, encoded.gallery_pids, ks=tuple(ks))
+    metrics: dict[str, Any] = rank_metrics(sim, encoded.query_pids, encoded.gallery_pids, ks=tuple(ks))
+    if rerank is not None:
+        metrics["rerank"] = rerank
+    return metrics
 
 
-__all__ = ["RERANKERS", "Encoded", "autocast_context", "to_device", "encode_loaders", "encode", "similarity",
+__all__ = ["RERANKERS", "RERANK_FORMS", "Encoded", "autocast_context", "to_device", "encode_loaders", "encode", "similarity",
            "rerank_similarity", "evaluate"]

@@ -220,9 +220,10 @@ class Run:
 
     def evaluate(self, split: str = "test", rerank: str | None = None,
                  rerank_params: Mapping[str, Any] | None = None, dataset: str | None = None,
-                 root: str | None = None) -> dict[str, float]:
-        """R1/R5/R10/mAP/mINP of ``split`` with the selected model, optionally re-ranked; ``dataset`` /
-        ``root`` evaluate on another dataset's split (see :meth:`embeddings`)."""
+                 root: str | None = None) -> dict[str, Any]:
+        """R1/R5/R10/mAP/mINP of ``split`` with the selected model, optionally re-ranked (the result then
+        names the re-ranking under ``"rerank"``); ``dataset`` / ``root`` evaluate on another dataset's split
+        (see :meth:`embeddings`)."""
         return evaluate(self.model, self.embeddings(split, dataset=dataset, root=root), rerank=rerank,
                         rerank_params=rerank_params)
 
