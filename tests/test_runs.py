@@ -136,6 +136,25 @@ def test_interrupted_run_is_resumed(data, tmp_path, trained):
     assert {k: resumed.metrics["test"][k] for k in METRICS} == {k: trained[0].metrics["test"][k] for k in METRICS}
 
 
+def test_settings_that_do_not_change_results_find_the_same_run(trained, data, tmp_path):
+    run, root = trained
+    fast = toy_config(data, **{"data.num_workers": 1, "eval.batch_size": 7, "eval.chunk_size": 3})
+    assert config_hash(fast) == config_hash(toy_config(data))
+    found = runs.find_run(fast, runs_dir=root, device="cpu")
+    assert found is not None and found.dir == run.dir and found.config.eval.batch_size == 7
+    loaded = train_or_load(fast, runs_dir=root, progress=False, device="cpu")
+    assert not loaded.trained_now and loaded.dir == run.dir
+    # an interrupted run resumes under the new settings: neither config.json nor last.pt refuses them
+    cfg = toy_config(data, **{"optim.max_steps": 4})
+    ds = runs.prepare_dataset(cfg)
+    run_dir = tmp_path / runs.run_name(resolve_config(cfg, ds))
+    tokenizer = runs._prepare_folder(run_dir, cfg, ds)
+    fit(runs.build_model(cfg), ds, tokenizer, cfg, run_dir, progress=False, stop_after_steps=2)
+    faster = toy_config(data, **{"optim.max_steps": 4, "eval.batch_size": 5, "data.num_workers": 1})
+    resumed = train_or_load(faster, runs_dir=tmp_path, progress=False, device="cpu")
+    assert resumed.trained_now and resumed.dir == run_dir and resumed.status == "done"
+
+
 def test_val_holdout_note_reaches_the_metrics(tmp_path):
     root = write_toy_dataset(tmp_path / "icfg_like", splits=("train", "test"))
     cfg = toy_config(root, **{"optim.max_steps": 2})

@@ -250,7 +250,7 @@ def _prepare_folder(run_dir: Path, cfg: Config, ds: TBPSDataset) -> CaptionToken
     """Write (or check) config.json and build (or reload) the tokenizer; rank 0 only."""
     path = run_dir / CONFIG_FILE
     if path.is_file():
-        diff = config_diff(config_from_dict(_read_json(path)), cfg)
+        diff = config_diff(config_from_dict(_read_json(path)), cfg, results_only=True)
         if diff:
             raise RunError(f"{path} does not match the requested config: {'; '.join(diff)}")
     else:
