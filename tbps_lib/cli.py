@@ -107,14 +107,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    """Print the runs under the registry root as a table (or JSON records)."""
+    """Print the runs under the registry root as a table (or JSON records); ``--stale``: only the runs made
+    by other code than the current library."""
     from tbps_lib.engine.runs import list_runs, runs_root
 
-    table = list_runs(args.runs)
+    table = list_runs(args.runs, only_stale=args.stale)
     if args.json:
         print(table.to_json(orient="records", indent=2))
     elif table.empty:
-        print(f"no runs under {runs_root(args.runs)}")
+        print(f"no {'stale ' if args.stale else ''}runs under {runs_root(args.runs)}")
     else:
         print(table.drop(columns=["dir"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0
@@ -268,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_figures)
 
     runs = sub.add_parser("runs", help="the run registry").add_subparsers(dest="runs_cmd", required=True)
-    p = runs.add_parser("list", help="one line per run: method, hash, status, test metrics")
+    p = runs.add_parser("list", help="one line per run: method, hash, status, stale, test metrics")
     p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
+    p.add_argument("--stale", action="store_true",
+                   help="only runs made by other code than the current library (retrain them with "
+                        "TBPS_STALE=retrain or train_or_load(..., stale='retrain'))")
     p.add_argument("--json", action="store_true", help="print the table as JSON records")
     p.set_defaults(func=cmd_runs_list)
 
