@@ -35,7 +35,8 @@ from torch import Tensor
 from tbps_lib.data.loaders import collate
 from tbps_lib.data.text import CaptionTokenizer, caption_words
 from tbps_lib.engine import rerank as rerank_lib
-from tbps_lib.engine.evaluate import RERANKERS, Encoded, autocast_context, rerank_similarity, to_device
+from tbps_lib.engine.evaluate import (RERANKERS, Encoded, autocast_context, model_inputs, rerank_similarity,
+                                     to_device)
 from tbps_lib.engine.rerank import stable_topk
 from tbps_lib.models.base import RetrievalModel
 
@@ -193,7 +194,7 @@ class CaptionSearch:
         """``model.encode_texts`` of one caption, batched by the shared ``collate`` as in evaluation."""
         batch = collate([{"caption": caption, "pid": -1, "label": -1, "image_index": -1}], self.tokenizer)
         with autocast_context(self.device):
-            feats = self.model.encode_texts(to_device(batch, self.device))
+            feats = self.model.encode_texts(to_device(model_inputs(batch), self.device))
         return {k: v.float() for k, v in feats.items()}
 
     @torch.no_grad()

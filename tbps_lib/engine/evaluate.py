@@ -92,6 +92,16 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+#: Batch fields that carry the ground truth (the person a caption shows, its training label, the image it
+#: describes): evaluation keeps them for scoring and never gives them to ``encode_texts``.
+GROUND_TRUTH_KEYS = ("pids", "labels", "image_index")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of an evaluation caption batch a model may see: all but :data:`GROUND_TRUTH_KEYS`."""
+    return {k: v for k, v in batch.items() if k not in GROUND_TRUTH_KEYS}
+
+
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Move the tensors of a batch to ``device`` (non-blocking); other values stay as they are."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -125,7 +135,7 @@ def encode_loaders(model: torch.nn.Module, images: DataLoader, captions: DataLoa
         txt_parts, query_pids, query_image, texts = [], [], [], []
         for batch in progress_bar(captions, enabled=progress, desc=f"encode {split} captions", leave=False):
             with autocast_context(device):
-                feats = model.encode_texts(to_device(batch, device))
+                feats = model.encode_texts(to_device(model_inputs(batch), device))
             txt_parts.append(_check_feats(feats, "encode_texts", method))
             query_pids.append(batch["pids"])
             query_image.append(batch["image_index"])
@@ -221,5 +231,6 @@ def evaluate(model: torch.nn.Module, encoded: Encoded, rerank: str | None = None
     return metrics
 
 
-__all__ = ["RERANKERS", "RERANK_FORMS", "Encoded", "autocast_context", "to_device", "encode_loaders", "encode", "similarity",
+__all__ = ["RERANKERS", "RERANK_FORMS", "Encoded", "GROUND_TRUTH_KEYS", "model_inputs",
+           "autocast_context", "to_device", "encode_loaders", "encode", "similarity",
            "rerank_similarity", "evaluate"]
