@@ -34,8 +34,16 @@ def data(tmp_path_factory) -> Path:
     return write_toy_dataset(tmp_path_factory.mktemp("protocol") / "data")
 
 
+def _split_of(paths) -> str:
+    """The split whose images these are, read from the data (the toy keeps each split's images in a folder
+    named after it), not from the label the caller gives."""
+    (split,) = {Path(p).parent.name for p in paths}
+    return split
+
+
 def _spy_evaluations(monkeypatch, scores: dict[str, list[float]] | None = None) -> list[dict]:
-    """Record every evaluation the trainer runs: the split and a copy of the model's weights.
+    """Record every evaluation the trainer runs: the split its images come from, the split it is labelled
+    with, and a copy of the model's weights.
 
     With ``scores``, the trainer's evaluation is replaced by one returning ``scores[split][n]`` for every
     metric at the split's n-th evaluation (and 0 after the list ends), so the test decides which epoch
@@ -45,11 +53,13 @@ def _spy_evaluations(monkeypatch, scores: dict[str, list[float]] | None = None) 
     real = trainer.evaluate
 
     def spy(model, encoded, *args, **kwargs):
-        n = sum(c["split"] == encoded.split for c in calls)
-        calls.append({"split": encoded.split, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}})
+        split = _split_of(encoded.image_paths)
+        n = sum(c["split"] == split for c in calls)
+        calls.append({"split": split, "label": encoded.split,
+                      "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}})
         if scores is None:
             return real(model, encoded, *args, **kwargs)
-        listed = scores.get(encoded.split, [])
+        listed = scores.get(split, [])
         value = listed[n] if n < len(listed) else 0.0
         return {k: value for k in METRICS}
 
@@ -69,8 +79,9 @@ def test_checkpoint_selection_follows_the_validation_split(data, tmp_path, monke
     # Validation prefers epoch 2; the test split would prefer epoch 3 (and epoch 1 over epoch 2).
     calls = _spy_evaluations(monkeypatch, {"val": [10.0, 50.0, 20.0], "test": [30.0, 5.0, 60.0]})
     run = train_or_load(toy_config(data), runs_dir=tmp_path, progress=False, device="cpu")
-    val_calls = [c for c in calls if c["split"] == "val"]
-    assert len(val_calls) == 3  # one validation per epoch (eval.every = 1, 3 epochs)
+    assert [c["split"] for c in calls] == ["val", "val", "val", "test"]  # one validation per epoch, one test
+    assert all(c["label"] == c["split"] for c in calls)
+    val_calls = calls[:3]
     metrics = run.metrics
     assert metrics["selected"]["epoch"] == 2 and metrics["val"]["R1"] == 50.0
     best = torch.load(run.dir / trainer.BEST, weights_only=True)
@@ -90,7 +101,7 @@ def test_the_test_split_is_evaluated_once_per_run(data, tmp_path, monkeypatch):
     real_encode = trainer.encode_loaders
 
     def spy_encode(model, images, captions, split, *args, **kwargs):
-        encoded_splits.append(split)
+        encoded_splits.append(_split_of(images.dataset.paths))
         return real_encode(model, images, captions, split, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "encode_loaders", spy_encode)
