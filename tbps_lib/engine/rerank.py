@@ -397,6 +397,7 @@ def k_reciprocal(q_g_sim: ScoreMatrix, q_q_sim: ScoreMatrix, g_g_sim: ScoreMatri
     if k2 > 1:
         v = _query_expansion(v, ranked[:, :k2])
 
-    out = (-lambda_value) * _distance(joint.q_g) / scale[:n_q, None]  # final d*, negated
+    out = joint.q_g * -2.0                                            # final d*, negated, built in place:
+    out.add_(2.0).mul_(-lambda_value / scale[:n_q, None])             # -lambda d(p, g) (one [Q, G] buffer)
     _jaccard_distance_into(v, n_q, out, -(1.0 - lambda_value), CHUNK_ELEMENTS)
     return out
