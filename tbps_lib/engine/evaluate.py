@@ -1,9 +1,11 @@
 """Evaluation: encode a split's gallery and queries, score them in chunks, rank, optionally re-rank.
 
 The protocol (DESIGN.md, "Evaluation protocol"): queries are every caption of the split, the gallery is
-every image of the split, a hit is an image of the same person. :func:`encode` runs the model in eval mode
-without gradients (bf16 autocast on CUDA) and returns an :class:`Encoded`, whose feature dicts live on the
-CPU as float32 so they can be cached on disk. :func:`evaluate` scores texts against images with the
+every image of the split, a hit is an image of the same person. The model sees images and caption inputs
+only: the ground-truth fields of a batch (:data:`GROUND_TRUTH_KEYS`) are kept for scoring and never reach
+``encode_texts`` (tests/test_protocol.py). :func:`encode` runs the model in eval mode without gradients
+(bf16 autocast on CUDA) and returns an :class:`Encoded`, whose feature dicts live on the CPU as float32 so
+they can be cached on disk. :func:`evaluate` scores texts against images with the
 method's own ``model.similarity`` (chunked) and computes ``rank_metrics``.
 
 Re-ranking ("+R" in the papers) uses the same model's ``"global"`` embeddings for the extra similarities
