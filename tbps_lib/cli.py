@@ -107,14 +107,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    """Print the runs under the registry root as a table (or JSON records)."""
+    """Print the runs under the registry root as a table (or JSON records); ``--stale``: only the runs made
+    by other code than the current library."""
     from tbps_lib.engine.runs import list_runs, runs_root
 
-    table = list_runs(args.runs)
+    table = list_runs(args.runs, only_stale=args.stale)
     if args.json:
         print(table.to_json(orient="records", indent=2))
     elif table.empty:
-        print(f"no runs under {runs_root(args.runs)}")
+        print(f"no {'stale ' if args.stale else ''}runs under {runs_root(args.runs)}")
     else:
         print(table.drop(columns=["dir"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0
@@ -236,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
     p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
     p.add_argument("--split", default="test", help="val or test (default test)")
-    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal"],
-                   help="re-rank the text-to-image scores")
+    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal", "k_reciprocal_paper"],
+                   help="re-rank the text-to-image scores (k_reciprocal: the released code's form; "
+                        "k_reciprocal_paper: the paper text's)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
     p.add_argument("--json", action="store_true", help="print metrics and provenance as JSON")
     p.set_defaults(func=cmd_eval)
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
     p.add_argument("caption", help="the description of a person, in quotes")
     p.add_argument("--k", type=int, default=10, help="how many images to list (default 10)")
-    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal"],
+    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal", "k_reciprocal_paper"],
                    help="re-rank the scores with the gallery's visual neighbourhoods")
     p.add_argument("--split", default="test", help="the gallery: every image of this split (default test)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
@@ -267,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_figures)
 
     runs = sub.add_parser("runs", help="the run registry").add_subparsers(dest="runs_cmd", required=True)
-    p = runs.add_parser("list", help="one line per run: method, hash, status, test metrics")
+    p = runs.add_parser("list", help="one line per run: method, hash, status, stale, test metrics")
     p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
+    p.add_argument("--stale", action="store_true",
+                   help="only runs made by other code than the current library (retrain them with "
+                        "TBPS_STALE=retrain or train_or_load(..., stale='retrain'))")
     p.add_argument("--json", action="store_true", help="print the table as JSON records")
     p.set_defaults(func=cmd_runs_list)
 

@@ -161,9 +161,31 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+#: Fields that change how fast a run is computed, never what it computes: data-loading processes (flips and
+#: batches are drawn per seed and epoch, not per worker) and the evaluation's batch and similarity-chunk
+#: sizes. They stay out of the run's hash and of the check that a saved config matches a requested one.
+RESULT_NEUTRAL_FIELDS = ("data.num_workers", "eval.batch_size", "eval.chunk_size")
+
+
+def result_config(cfg: Config) -> Config:
+    """``cfg`` with the :data:`RESULT_NEUTRAL_FIELDS` reset to their defaults: the part that decides the result.
+
+    Resetting (rather than dropping) the fields keeps the hash of every config that already used the
+    defaults, so existing run folders keep their names.
+    """
+    sections: dict[str, dict[str, Any]] = {}
+    for name in RESULT_NEUTRAL_FIELDS:
+        section, field_name = name.split(".")
+        default = next(f.default for f in dataclasses.fields(getattr(cfg, section)) if f.name == field_name)
+        sections.setdefault(section, {})[field_name] = default
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **changes)
+                                       for s, changes in sections.items()})
+
+
 def config_hash(cfg: Config) -> str:
-    """12 hex digits that name the run: a hash of the canonical JSON of the config."""
-    text = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """12 hex digits that name the run: a hash of the canonical JSON of the config, without the
+    :data:`RESULT_NEUTRAL_FIELDS` (see :func:`result_config`)."""
+    text = json.dumps(config_to_dict(result_config(cfg)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -250,8 +272,12 @@ def override(cfg: Config, changes: Mapping[str, Any]) -> Config:
     return config_from_dict(data)
 
 
-def config_diff(a: Config, b: Config) -> list[str]:
-    """Dotted names of the fields whose values differ, as ``name: a -> b`` lines."""
+def config_diff(a: Config, b: Config, results_only: bool = False) -> list[str]:
+    """Dotted names of the fields whose values differ, as ``name: a -> b`` lines; ``results_only`` skips
+    the :data:`RESULT_NEUTRAL_FIELDS` (the check that a saved run fits a requested config)."""
+    if results_only:
+        a, b = result_config(a), result_config(b)
+
     def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():

@@ -12,8 +12,8 @@ path: a :class:`GalleryIndex` of the L2-normalised gallery, searched by one matr
 torch, or by faiss (``IndexFlatIP``, exact) when it is installed and the gallery is large.
 
 Re-ranking reuses the engine's functions: ``visual_neighbors`` (NAFS style) with the gallery's image-image
-cosine similarities computed once per gallery and kept, and ``k_reciprocal`` through
-``engine.evaluate.rerank_similarity``. A free-text query is re-ranked on its own, so for
+cosine similarities computed once per gallery and kept, and the k-reciprocal forms (``k_reciprocal``, the
+released code's, and ``k_reciprocal_paper``) through ``engine.evaluate.rerank_similarity``. A free-text query is re-ranked on its own, so for
 ``visual_neighbors`` (which treats each caption independently) the scores equal the evaluation's row for
 that caption; for ``k_reciprocal`` the other test captions are not part of the neighbourhood graph, so its
 scores differ from the all-queries evaluation.
@@ -35,7 +35,8 @@ from torch import Tensor
 from tbps_lib.data.loaders import collate
 from tbps_lib.data.text import CaptionTokenizer, caption_words
 from tbps_lib.engine import rerank as rerank_lib
-from tbps_lib.engine.evaluate import RERANKERS, Encoded, autocast_context, rerank_similarity, to_device
+from tbps_lib.engine.evaluate import (RERANKERS, Encoded, autocast_context, model_inputs, rerank_similarity,
+                                     to_device)
 from tbps_lib.engine.rerank import stable_topk
 from tbps_lib.models.base import RetrievalModel
 
@@ -195,7 +196,7 @@ class CaptionSearch:
         batch = collate([{"caption": caption, "pid": -1, "label": -1, "image_index": -1}], self.tokenizer,
                         fields=self.model.batch_fields(False))
         with autocast_context(self.device):
-            feats = self.model.encode_texts(to_device(batch, self.device))
+            feats = self.model.encode_texts(to_device(model_inputs(batch), self.device))
         return {k: v.float() for k, v in feats.items()}
 
     @torch.no_grad()
@@ -233,8 +234,8 @@ class CaptionSearch:
                rerank_params: Mapping[str, Any] | None = None, true_pid: int | None = None) -> pd.DataFrame:
         """The ``k`` best gallery images for ``caption`` (fewer if the gallery is smaller).
 
-        ``rerank``: None, ``"visual_neighbors"`` or ``"k_reciprocal"`` (``rerank_params`` go to the engine's
-        function). ``true_pid``: the person the caption describes; by default looked up when the caption is
+        ``rerank``: None or one of ``engine.evaluate.RERANKERS`` (``rerank_params`` go to the engine's
+        function); ``.attrs["rerank"]`` names the one used. ``true_pid``: the person the caption describes; by default looked up when the caption is
         one of the split's. Returns one row per rank with the columns of ``RESULT_COLUMNS`` (``match`` is
         None when the truth is unknown); ``.attrs`` holds caption, k, rerank, scoring, true_pid,
         unknown_words, latency_ms (encoding + scoring + top-k) and the gallery name.

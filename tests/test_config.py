@@ -5,8 +5,9 @@ import dataclasses
 
 import pytest
 
-from tbps_lib.config import (Config, DataConfig, OptimConfig, config_diff, config_from_dict, config_hash,
-                             config_to_dict, notebook_params, override)
+from tbps_lib.config import (RESULT_NEUTRAL_FIELDS, Config, DataConfig, OptimConfig, config_diff,
+                             config_from_dict, config_hash, config_to_dict, notebook_params, override,
+                             result_config)
 from tbps_lib.models.base import MethodConfig, RetrievalModel
 from tbps_lib.models.registry import register_method
 
@@ -30,6 +31,18 @@ def test_hash_is_stable_and_sensitive():
     a, b = _cfg(), _cfg()
     assert hash(a) == hash(b) and config_hash(a) == config_hash(b) and len(config_hash(a)) == 12
     assert config_hash(override(a, {"model.margin": 0.3})) != config_hash(a)
+
+
+def test_settings_that_do_not_change_results_stay_out_of_the_hash():
+    a = _cfg()
+    fast = override(a, {"data.num_workers": 4, "eval.batch_size": 17, "eval.chunk_size": 5})
+    assert set(RESULT_NEUTRAL_FIELDS) == {"data.num_workers", "eval.batch_size", "eval.chunk_size"}
+    assert config_hash(fast) == config_hash(a) and result_config(fast) == result_config(a) == a
+    assert config_diff(a, fast, results_only=True) == [] and len(config_diff(a, fast)) == 3
+    # a neighbouring field of the same sections still counts
+    assert config_hash(override(a, {"data.batch_size": 17})) != config_hash(a)
+    assert config_hash(override(a, {"eval.select_metric": "mAP"})) != config_hash(a)
+    assert config_diff(a, override(fast, {"eval.every": 2}), results_only=True) == ["eval.every: 1 -> 2"]
 
 
 def test_json_round_trip():

@@ -30,13 +30,22 @@ def visual_neighbors_loop(ti, ii, k, weight):
     return np.array(out)
 
 
-def k_reciprocal_loop(qg, qq, gg, k1, k2, lam):
-    """Returns (-d*, number of R(q, k1/2) sets the expansion accepted that added members)."""
+def k_reciprocal_loop(qg, qq, gg, k1, k2, lam, released=False):
+    """Returns (-d*, number of R(q, k1/2) sets the expansion accepted that added members).
+
+    ``released=False``: the paper's equations as written. ``released=True``: plus the two steps of the
+    authors' public code -- divide each column of the joint distance matrix by its maximum, then
+    transpose it; divide each V row by its sum.
+    """
     qg, qq, gg = qg.tolist(), qq.tolist(), gg.tolist()
     n_q, n_g = len(qg), len(gg)
     joint = [qq[i] + qg[i] for i in range(n_q)] + [[qg[i][g] for i in range(n_q)] + gg[g] for g in range(n_g)]
     n = n_q + n_g
     dist = [[2 - 2 * s for s in row] for row in joint]
+    if released:
+        col_max = [max(dist[i][j] for i in range(n)) for j in range(n)]
+        by_column = [[dist[i][j] / col_max[j] for j in range(n)] for i in range(n)]
+        dist = [[by_column[j][i] for j in range(n)] for i in range(n)]  # the transpose
 
     def reciprocal(p, k):
         return {g for g in top(joint[p], k + 1) if p in top(joint[g], k + 1)}
@@ -51,7 +60,11 @@ def k_reciprocal_loop(qg, qq, gg, k1, k2, lam):
             if len(r_p & r_q) >= 2 / 3 * len(r_q):
                 grew += not r_q <= expanded
                 expanded |= r_q
-        encodings.append({g: math.exp(-dist[p][g]) for g in expanded})
+        weights = {g: math.exp(-dist[p][g]) for g in expanded}
+        if released:
+            total = sum(weights.values())
+            weights = {g: w / total for g, w in weights.items()}
+        encodings.append(weights)
     averaged = []
     for p in range(n):
         acc = defaultdict(float)
@@ -149,11 +162,35 @@ def test_k_reciprocal_matches_loop(k1, k2, lam, chunk):
     g = g[:15]
     qg, qq, gg = t @ g.T, t @ t.T, g @ g.T
     want, grew = k_reciprocal_loop(qg, qq, gg, k1, k2, lam)
-    got = k_reciprocal(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam, chunk_size=chunk)
+    got = k_reciprocal(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam, chunk_size=chunk, form="paper")
     assert got.shape == (12, 15) and got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
     if k1 in (4, 6):
         assert grew > 0  # the 1/2 k-reciprocal expansion was exercised
+
+
+@pytest.mark.parametrize("k1,k2,lam,chunk", [(4, 3, 0.3, None), (6, 1, 0.3, 7), (3, 6, 0.0, 1), (20, 6, 0.5, None)])
+def test_k_reciprocal_released_matches_loop(k1, k2, lam, chunk):
+    t, g, _, _ = clustered(2, n_ids=4, texts_per_id=3, images_per_id=4)
+    g = g[:15]
+    qg, qq, gg = t @ g.T, t @ t.T, g @ g.T
+    want, _ = k_reciprocal_loop(qg, qq, gg, k1, k2, lam, released=True)
+    got = k_reciprocal(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam, chunk_size=chunk)  # released is the default
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    assert torch.equal(got, k_reciprocal(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam, form="released"))
+    paper, _ = k_reciprocal_loop(qg, qq, gg, k1, k2, lam)
+    assert np.abs(paper - want).max() > 1e-3  # the two forms really differ on these inputs
+
+
+def test_k_reciprocal_released_random_similarities():
+    # Symmetric, as similarities are: the released code's transpose would otherwise swap rows and columns.
+    rng = np.random.default_rng(7)
+    qg = rng.uniform(-1, 1, (9, 11))
+    qq, gg = rng.uniform(-1, 1, (9, 9)), rng.uniform(-1, 1, (11, 11))
+    qq, gg = (qq + qq.T) / 2, (gg + gg.T) / 2
+    want, _ = k_reciprocal_loop(qg, qq, gg, 4, 2, 0.3, released=True)
+    got = k_reciprocal(qg, qq, gg, k1=4, k2=2, chunk_size=3)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-9)
 
 
 def test_k_reciprocal_float32_and_random_similarities():
@@ -162,7 +199,7 @@ def test_k_reciprocal_float32_and_random_similarities():
     qq = rng.uniform(-1, 1, (12, 12)).astype(np.float32)
     gg = rng.uniform(-1, 1, (15, 15)).astype(np.float32)
     want, _ = k_reciprocal_loop(qg, qq, gg, 5, 3, 0.3)
-    got = k_reciprocal(qg, qq, gg, k1=5, k2=3)
+    got = k_reciprocal(qg, qq, gg, k1=5, k2=3, form="paper")
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
 
@@ -170,7 +207,7 @@ def test_k_reciprocal_float32_and_random_similarities():
 def test_k_reciprocal_lambda_one_is_original_distance():
     t, g, _, _ = clustered(4)
     qg = t @ g.T
-    got = k_reciprocal(qg, t @ t.T, g @ g.T, k1=4, k2=2, lambda_value=1.0)
+    got = k_reciprocal(qg, t @ t.T, g @ g.T, k1=4, k2=2, lambda_value=1.0, form="paper")
     np.testing.assert_allclose(got.numpy(), (-(2 - 2 * qg)).numpy(), rtol=0, atol=1e-12)
 
 
@@ -180,9 +217,10 @@ def test_k_reciprocal_improves_ranking_on_clustered_data():
     t, g, tid, gid = clustered(5, n_ids=12, texts_per_id=3, images_per_id=4, dim=16, noise=0.9)
     qg = t @ g.T
     before = rank_metrics(qg, tid, gid)
-    after = rank_metrics(k_reciprocal(qg, t @ t.T, g @ g.T, k1=6, k2=3), tid, gid)
-    assert after["mAP"] > before["mAP"] + 3 and after["mINP"] > before["mINP"] + 3
-    assert after["R1"] >= before["R1"]
+    for form in ("released", "paper"):
+        after = rank_metrics(k_reciprocal(qg, t @ t.T, g @ g.T, k1=6, k2=3, form=form), tid, gid)
+        assert after["mAP"] > before["mAP"] + 3 and after["mINP"] > before["mINP"] + 3
+        assert after["R1"] >= before["R1"]
 
 
 def unit_vectors(degrees):
@@ -198,7 +236,7 @@ def test_k_reciprocal_fixes_a_wrong_top1():
     texts = unit_vectors([10.0, -1.0, -3.0, 23.0])
     images = unit_vectors([0.0, -2.0, 20.5, 25.0])
     qg = texts @ images.T
-    got = k_reciprocal(qg, texts @ texts.T, images @ images.T, k1=3, k2=1)
+    got = k_reciprocal(qg, texts @ texts.T, images @ images.T, k1=3, k2=1, form="paper")
     assert qg[0].argmax().item() == 0 and got[0].argmax().item() == 2
     # Image 0 shares nothing with the query's k-reciprocal set: its Jaccard distance is 1.
     assert got[0, 0].item() == pytest.approx(-(0.7 + 0.3 * (2 - 2 * qg[0, 0].item())))
@@ -218,3 +256,5 @@ def test_k_reciprocal_errors():
         k_reciprocal(qg, qq, gg, k1=2, k2=2, lambda_value=1.5)
     with pytest.raises(ValueError, match="g_g_sim contains NaN or infinite"):
         k_reciprocal(qg, qq, torch.full((3, 3), float("inf")), k1=2, k2=2)
+    with pytest.raises(ValueError, match=r"form must be one of \['released', 'paper'\], got 'text'"):
+        k_reciprocal(qg, qq, gg, k1=2, k2=2, form="text")

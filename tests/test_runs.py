@@ -101,8 +101,9 @@ def test_cross_domain_evaluation_uses_the_other_dataset_and_its_own_cache(traine
 def test_reranked_evaluation(trained):
     run, _ = trained
     plain = run.evaluate("test")
-    for method in ("visual_neighbors", "k_reciprocal"):
+    for method in ("visual_neighbors", "k_reciprocal", "k_reciprocal_paper"):
         reranked = run.evaluate("test", rerank=method)
+        assert reranked.pop("rerank") == method  # every re-ranked result names its form
         assert set(reranked) == set(plain) and all(0 <= v <= 100 for v in reranked.values())
     with pytest.raises(ValueError, match="unknown re-ranking 'nafs'"):
         run.evaluate("test", rerank="nafs")
@@ -133,6 +134,108 @@ def test_interrupted_run_is_resumed(data, tmp_path, trained):
     resumed = train_or_load(cfg, runs_dir=tmp_path, progress=False, device="cpu")
     assert resumed.trained_now and resumed.dir == run_dir
     assert {k: resumed.metrics["test"][k] for k in METRICS} == {k: trained[0].metrics["test"][k] for k in METRICS}
+
+
+def test_settings_that_do_not_change_results_find_the_same_run(trained, data, tmp_path):
+    run, root = trained
+    fast = toy_config(data, **{"data.num_workers": 1, "eval.batch_size": 7, "eval.chunk_size": 3})
+    assert config_hash(fast) == config_hash(toy_config(data))
+    found = runs.find_run(fast, runs_dir=root, device="cpu")
+    assert found is not None and found.dir == run.dir and found.config.eval.batch_size == 7
+    loaded = train_or_load(fast, runs_dir=root, progress=False, device="cpu")
+    assert not loaded.trained_now and loaded.dir == run.dir
+    # an interrupted run resumes under the new settings: neither config.json nor last.pt refuses them
+    ds = runs.prepare_dataset(toy_config(data))
+    cfg = resolve_config(toy_config(data, **{"optim.max_steps": 4}), ds)  # what train_or_load writes
+    run_dir = tmp_path / runs.run_name(cfg)
+    tokenizer = runs._prepare_folder(run_dir, cfg, ds)
+    fit(runs.build_model(cfg), ds, tokenizer, cfg, run_dir, progress=False, stop_after_steps=2)
+    faster = toy_config(data, **{"optim.max_steps": 4, "eval.batch_size": 5, "data.num_workers": 1})
+    resumed = train_or_load(faster, runs_dir=tmp_path, progress=False, device="cpu")
+    assert resumed.trained_now and resumed.dir == run_dir and resumed.status == "done"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Provenance of the code: fingerprints and stale runs
+
+
+def _copy_with_fingerprint(run, root: Path, fingerprint) -> Path:
+    """A copy of ``run`` under ``root`` whose metrics.json records ``fingerprint`` (None: no record)."""
+    copy = root / run.name
+    shutil.copytree(run.dir, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics.pop("code_fingerprint")
+    if fingerprint is not None:
+        metrics["code_fingerprint"] = fingerprint
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    return copy
+
+
+def test_metrics_record_the_code_fingerprint(trained):
+    run, _ = trained
+    fp = run.metrics["code_fingerprint"]
+    assert fp["sources"] == runs.sources_hash() and len(fp["sources"]) == 16 and fp["files"] > 20
+    assert fp["commit"] is None or len(fp["commit"]) == 40
+    assert fp["dirty"] in (None, True, False)
+    assert not run.stale and run.stale_reason is None and run.provenance()["stale"] is False
+
+
+def test_fingerprint_follows_the_code_that_decides_results(tmp_path):
+    lib = tmp_path / "tbps_lib"
+    shutil.copytree(runs.PACKAGE_DIR, lib, ignore=shutil.ignore_patterns("__pycache__"))
+    before = runs.sources_hash(lib)
+    (lib / "analysis" / "figures.py").write_text("# plotting only\n", encoding="utf-8")
+    (lib / "cli.py").write_text("# the command line\n", encoding="utf-8")
+    assert runs.sources_hash(lib) == before  # excluded: cannot change a run's numbers
+    with open(lib / "losses" / "cmpm.py", "a", encoding="utf-8") as f:
+        f.write("\n# a changed loss\n")
+    assert runs.sources_hash(lib) != before
+    assert runs.code_fingerprint(lib)["sources"] == runs.sources_hash(lib)
+
+
+def test_stale_runs_are_marked_and_listed(trained, tmp_path, capsys):
+    run, _ = trained
+    fp = run.metrics["code_fingerprint"]
+    other = _copy_with_fingerprint(run, tmp_path / "a", {**fp, "sources": "0" * 16, "dirty": True})
+    unknown = _copy_with_fingerprint(run, tmp_path / "b", None)
+    assert load_run(other, device="cpu").stale
+    assert "trained by other code (sources 0000000000000000" in load_run(other, device="cpu").stale_reason
+    assert load_run(unknown, device="cpu").stale_reason.startswith("unknown code")
+    shutil.copytree(run.dir, tmp_path / "a" / "fresh-0123456789ab")
+    table = list_runs(tmp_path / "a")
+    assert table.set_index("dir")["stale"].to_dict() == {str(other): True,
+                                                         str(tmp_path / "a" / "fresh-0123456789ab"): False}
+    assert list_runs(tmp_path / "a", only_stale=True)["dir"].tolist() == [str(other)]
+    from tbps_lib.cli import main
+
+    assert main(["runs", "list", "--runs", str(tmp_path / "a"), "--stale", "--json"]) == 0
+    assert [r["dir"] for r in json.loads(capsys.readouterr().out)] == [str(other)]
+    assert main(["runs", "list", "--runs", str(tmp_path / "b" / "x"), "--stale"]) == 0
+    assert "no stale runs under" in capsys.readouterr().out
+
+
+def test_train_or_load_policy_for_a_stale_run(trained, data, tmp_path, capsys, monkeypatch):
+    run, _ = trained
+    cfg = toy_config(data)
+    root = tmp_path / "reg"
+    copy = _copy_with_fingerprint(run, root, None)
+    capsys.readouterr()
+    loaded = train_or_load(cfg, runs_dir=root, progress=False, device="cpu")  # default: warn
+    assert not loaded.trained_now and loaded.stale
+    assert f"warning: stale run {copy}: unknown code" in capsys.readouterr().err
+    assert not train_or_load(cfg, runs_dir=root, progress=False, device="cpu", stale="ok").trained_now
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("TBPS_STALE", "nonsense")
+    with pytest.raises(ValueError, match=r"\$TBPS_STALE must be one of \['warn', 'retrain', 'ok'\]"):
+        train_or_load(cfg, runs_dir=root, progress=False, device="cpu")
+    monkeypatch.setenv("TBPS_STALE", "retrain")
+    again = train_or_load(cfg, runs_dir=root, progress=False, device="cpu")
+    assert again.trained_now and again.dir == copy and not again.stale
+    (aside,) = (root / ".stale").iterdir()
+    assert aside.name == f"{run.name}-unknown" and (aside / "best.pt").is_file() and (aside / "metrics.json").is_file()
+    assert list_runs(root)["dir"].tolist() == [str(copy)]  # the set-aside files are not a run of the registry
+    with pytest.raises(ValueError, match=r"stale must be one of"):
+        train_or_load(cfg, runs_dir=root, progress=False, device="cpu", stale="never")
 
 
 def test_val_holdout_note_reaches_the_metrics(tmp_path):

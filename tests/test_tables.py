@@ -281,6 +281,17 @@ def test_leaderboard_measures_the_runs_and_lists_the_missing(data, registry_dir)
     assert toy["query_ms"] > 0
     assert base["status"] == "not run yet" and base["reason"].startswith("tbps train --method baseline")
     assert math.isnan(base["R1"]) and math.isnan(base["query_ms"])
+    assert toy["stale"] == False and toy["reason"] == ""  # noqa: E712
+
+
+def test_leaderboard_marks_runs_made_by_other_code(data, registry_dir, monkeypatch):
+    from tbps_lib.engine import runs
+
+    root, _ = registry_dir
+    monkeypatch.setattr(runs, "sources_hash", lambda package_dir=None: "f" * 16)  # as if the library changed
+    board = leaderboard(str(data[C]), runs_dir=root, methods=[FAKE], n_queries=3, warmup=1)
+    assert board.loc[0, "status"] == "measured" and board.loc[0, "stale"] == True  # noqa: E712
+    assert board.loc[0, "reason"].startswith("stale: trained by other code (sources ")
 
 
 def test_query_latency_times_single_queries_after_warmup(registry_dir):

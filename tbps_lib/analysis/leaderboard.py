@@ -5,7 +5,8 @@ the run registry (never trained): its test R1/R5/R10/mAP/mINP as recorded in ``m
 training wall time (``wall_time_s``: the training loop with its validations plus the one final test
 evaluation), its parameter count and the time it takes to answer one caption query (:func:`query_latency`).
 A method whose run is not there is listed as "not run yet" with the command that trains it; no number is
-filled in for it.
+filled in for it. ``stale`` is True for a measured run made by other code than the current library
+(``Run.stale``; its ``reason`` says which), so a reader sees which numbers may be out of date.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tbps_lib.reported import DATASETS, PERCENT_METRICS
 if TYPE_CHECKING:  # pragma: no cover
     from tbps_lib.engine.runs import Run
 
-COLUMNS = ("method", "status", *PERCENT_METRICS, "train_s", "params_M", "query_ms", "backbones", "init", "data",
+COLUMNS = ("method", "status", "stale", *PERCENT_METRICS, "train_s", "params_M", "query_ms", "backbones", "init", "data",
            "preset", "config", "train_device", "query_device", "reason")
 
 
@@ -100,12 +101,13 @@ def leaderboard(dataset: str = "CUHK-PEDES", preset: str = "smoke", runs_dir: st
             continue
         m = run.metrics
         latency = query_latency(run, n_queries=n_queries, warmup=warmup)
-        row.update(status="measured", **{k: float(m["test"][k]) for k in PERCENT_METRICS},
+        stale = run.stale_reason
+        row.update(status="measured", stale=stale is not None, **{k: float(m["test"][k]) for k in PERCENT_METRICS},
                    train_s=float(m["wall_time_s"]),
                    params_M=sum(p.numel() for p in run.model.parameters()) / 1e6,
                    query_ms=latency["query_ms"],
                    config=config_hash(run.config), train_device=m.get("device", ""),
-                   query_device=str(run.device), reason="")
+                   query_device=str(run.device), reason=f"stale: {stale}" if stale else "")
         rows.append(row)
     board = pd.DataFrame.from_records(rows, columns=list(COLUMNS))
     board["_measured"] = board["status"] == "measured"

@@ -153,6 +153,8 @@ def sample_queries(encoded: Encoded, n: int, seed: int = 0, errors_of: Tensor | 
 
 
 def metrics_table(run: Any, split: str = "test", reranks: Sequence[str | None] = (None, *RERANKERS)) -> pd.DataFrame:
-    """R1/R5/R10/mAP/mINP of a run's selected checkpoint on ``split``, once per re-ranking choice."""
-    rows = [{"re-ranking": name or "none", **run.evaluate(split, rerank=name)} for name in reranks]
+    """R1/R5/R10/mAP/mINP of a run's selected checkpoint on ``split``, once per re-ranking choice (the index
+    names it: ``k_reciprocal`` is the released code's form, ``k_reciprocal_paper`` the paper text's)."""
+    rows = [{"re-ranking": name or "none",
+             **{k: v for k, v in run.evaluate(split, rerank=name).items() if k != "rerank"}} for name in reranks]
     return pd.DataFrame(rows).set_index("re-ranking")

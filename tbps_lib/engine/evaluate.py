@@ -1,16 +1,22 @@
 """Evaluation: encode a split's gallery and queries, score them in chunks, rank, optionally re-rank.
 
 The protocol (``CONTRIBUTING.md``, "Protocol rules"): queries are every caption of the split, the gallery is
-every image of the split, a hit is an image of the same person. :func:`encode` runs the model in eval mode
-without gradients (bf16 autocast on CUDA) and returns an :class:`Encoded`, whose feature dicts live on the
-CPU as float32 so they can be cached on disk. :func:`evaluate` scores texts against images with the
+every image of the split, a hit is an image of the same person. The model sees images and caption inputs
+only: the ground-truth fields of a batch (:data:`GROUND_TRUTH_KEYS`) are kept for scoring and never reach
+``encode_texts`` (tests/test_protocol.py). :func:`encode` runs the model in eval mode without gradients
+(bf16 autocast on CUDA) and returns an :class:`Encoded`, whose feature dicts live on the CPU as float32 so
+they can be cached on disk. :func:`evaluate` scores texts against images with the
 method's own ``model.similarity`` (chunked) and computes ``rank_metrics``.
 
 Re-ranking ("+R" in the papers) uses the same model's ``"global"`` embeddings for the extra similarities
 it needs: image-image cosine for ``visual_neighbors`` (NAFS style), and image-image plus text-text cosine
-for ``k_reciprocal`` (Zhong et al. 2017). ``k_reciprocal`` treats scores as cosines (its distance is
+for the k-reciprocal forms (Zhong et al. 2017): ``"k_reciprocal"`` is the authors' released code (distance
+columns divided by their maximum, V rows by their sum), the form behind re-id and TBPS papers' "+R"
+numbers; ``"k_reciprocal_paper"`` is the paper text's form without those normalisations
+(``tbps_lib.engine.rerank.k_reciprocal``, ``form=``). Both treat scores as cosines (their distance is
 2 - 2s), so text-image scores outside [-1, 1] (methods that add several cosines) are divided by their
-largest magnitude first; ranking by the unscaled scores is unchanged by this.
+largest magnitude first; ranking by the unscaled scores is unchanged by this. A re-ranked metrics dict
+names the re-ranking it used under ``"rerank"`` (:data:`RERANK_FORMS` describes each name).
 """
 from __future__ import annotations
 
@@ -30,7 +36,14 @@ from tbps_lib.engine import rerank as rerank_lib
 from tbps_lib.engine.metrics import rank_metrics
 from tbps_lib.utils import progress as progress_bar
 
-RERANKERS = ("visual_neighbors", "k_reciprocal")
+RERANKERS = ("visual_neighbors", "k_reciprocal", "k_reciprocal_paper")
+#: What each re-ranking name means (shown wherever a re-ranked number is reported).
+RERANK_FORMS = {
+    "visual_neighbors": "NAFS-style overlap of textual and visual neighbourhoods",
+    "k_reciprocal": "k-reciprocal, released code (distance columns / max, V rows / sum)",
+    "k_reciprocal_paper": "k-reciprocal, paper text (no normalisations)",
+}
+_K_RECIPROCAL_FORM = {"k_reciprocal": "released", "k_reciprocal_paper": "paper"}
 
 
 @dataclass
@@ -81,6 +94,16 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+#: Batch fields that carry the ground truth (the person a caption shows, its training label, the image it
+#: describes): evaluation keeps them for scoring and never gives them to ``encode_texts``.
+GROUND_TRUTH_KEYS = ("pids", "labels", "image_index")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of an evaluation caption batch a model may see: all but :data:`GROUND_TRUTH_KEYS`."""
+    return {k: v for k, v in batch.items() if k not in GROUND_TRUTH_KEYS}
+
+
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Move the tensors of a batch to ``device`` (non-blocking); other values stay as they are."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -114,7 +137,7 @@ def encode_loaders(model: torch.nn.Module, images: DataLoader, captions: DataLoa
         txt_parts, query_pids, query_image, texts = [], [], [], []
         for batch in progress_bar(captions, enabled=progress, desc=f"encode {split} captions", leave=False):
             with autocast_context(device):
-                feats = model.encode_texts(to_device(batch, device))
+                feats = model.encode_texts(to_device(model_inputs(batch), device))
             txt_parts.append(_check_feats(feats, "encode_texts", method))
             query_pids.append(batch["pids"])
             query_image.append(batch["image_index"])
@@ -174,8 +197,9 @@ def _chunked_cosine(a: Tensor, b: Tensor, chunk_size: int) -> Tensor:
 
 def rerank_similarity(model: torch.nn.Module, encoded: Encoded, sim: Tensor, method: str,
                       params: Mapping[str, Any] | None = None, chunk_size: int | None = None) -> Tensor:
-    """Re-ranked text-to-image scores: ``method`` is ``visual_neighbors`` or ``k_reciprocal``;
-    ``params`` go to the function of ``tbps_lib.engine.rerank`` (k, weight / k1, k2, lambda_value)."""
+    """Re-ranked text-to-image scores: ``method`` is one of :data:`RERANKERS` (``k_reciprocal`` the released
+    code's form, ``k_reciprocal_paper`` the paper text's); ``params`` go to the function of
+    ``tbps_lib.engine.rerank`` (k, weight / k1, k2, lambda_value)."""
     if method not in RERANKERS:
         raise ValueError(f"unknown re-ranking {method!r}; choose one of {list(RERANKERS)} or None")
     params = dict(params or {})
@@ -187,22 +211,28 @@ def rerank_similarity(model: torch.nn.Module, encoded: Encoded, sim: Tensor, met
     txt = _global(encoded.text_feats, "text", sim.device)
     text_text = _chunked_cosine(txt, txt, chunk_size)
     scale = sim.abs().max().clamp(min=1.0)  # k_reciprocal assumes cosine scores in [-1, 1]
-    return rerank_lib.k_reciprocal(sim / scale, text_text, image_image, **params)
+    return rerank_lib.k_reciprocal(sim / scale, text_text, image_image, **params,
+                                   form=_K_RECIPROCAL_FORM[method])
 
 
 def evaluate(model: torch.nn.Module, encoded: Encoded, rerank: str | None = None,
              rerank_params: Mapping[str, Any] | None = None, chunk_size: int | None = None,
-             ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+             ks: Iterable[int] = (1, 5, 10)) -> dict[str, Any]:
     """R1/R5/R10/mAP/mINP (percent) of text-to-image retrieval on ``encoded``.
 
-    ``rerank``: None, ``"visual_neighbors"`` or ``"k_reciprocal"`` (see the module docstring);
+    ``rerank``: None or one of :data:`RERANKERS` (see the module docstring); a re-ranked result also
+    holds ``"rerank"``: the name, so the form of k-reciprocal re-ranking travels with the numbers.
     ``chunk_size``: text rows per similarity chunk (default ``model.cfg.eval.chunk_size``).
     """
     sim = similarity(model, encoded, chunk_size)
     if rerank is not None:
         sim = rerank_similarity(model, encoded, sim, rerank, rerank_params, chunk_size)
-    return rank_metrics(sim, encoded.query_pids, encoded.gallery_pids, ks=tuple(ks))
+    metrics: dict[str, Any] = rank_metrics(sim, encoded.query_pids, encoded.gallery_pids, ks=tuple(ks))
+    if rerank is not None:
+        metrics["rerank"] = rerank
+    return metrics
 
 
-__all__ = ["RERANKERS", "Encoded", "autocast_context", "to_device", "encode_loaders", "encode", "similarity",
+__all__ = ["RERANKERS", "RERANK_FORMS", "Encoded", "GROUND_TRUTH_KEYS", "model_inputs",
+           "autocast_context", "to_device", "encode_loaders", "encode", "similarity",
            "rerank_similarity", "evaluate"]

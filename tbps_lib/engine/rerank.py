@@ -165,6 +165,9 @@ def visual_neighbors(text_image_sim: ScoreMatrix, image_image_sim: ScoreMatrix, 
 # ----------------------------------------------------------------------------------------------
 # k-reciprocal encoding (Zhong et al., CVPR 2017)
 # ----------------------------------------------------------------------------------------------
+#: The two forms of :func:`k_reciprocal`: the authors' released code (default) and the paper's text.
+K_RECIPROCAL_FORMS = ("released", "paper")
+
 class _JointSimilarity:
     """The (Q+G) x (Q+G) similarity [[q_q, q_g], [q_g^T, g_g]], served by rows or by entries
     without ever being stored."""
@@ -301,7 +304,8 @@ def _jaccard_distance_into(v: torch.Tensor, n_q: int, out: torch.Tensor,
 
 
 def k_reciprocal(q_g_sim: ScoreMatrix, q_q_sim: ScoreMatrix, g_g_sim: ScoreMatrix, k1: int = 20,
-                 k2: int = 6, lambda_value: float = 0.3, chunk_size: int | None = None) -> torch.Tensor:
+                 k2: int = 6, lambda_value: float = 0.3, chunk_size: int | None = None,
+                 form: str = "released") -> torch.Tensor:
     """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
     Encoding", CVPR 2017) of query-to-gallery scores; returns ``-d*``, so HIGHER = BETTER.
 
@@ -322,17 +326,29 @@ def k_reciprocal(q_g_sim: ScoreMatrix, q_q_sim: ScoreMatrix, g_g_sim: ScoreMatri
        inverted index over the sparse V;
     7. d* = (1 - lambda) d_J + lambda d (Sec. 3.4); the function returns -d* for each pair.
 
-    The public implementation adds two normalisations the paper does not describe (each distance
-    column divided by its maximum, each V row divided by its sum); they are not applied here. The
-    neighbour-list sizes (k1 + 1 with self, k2 with self) match that implementation, so k1 = 20,
-    k2 = 6, lambda = 0.3 (the paper's setting) mean the same. Similarities other than cosines
-    should be rescaled to [-1, 1] first, as d assumes unit vectors.
+    ``form`` chooses between the two published versions of the method:
+
+    - ``"released"`` (default): the authors' public code, which is what re-id and TBPS papers' "+R"
+      numbers come from. It adds two normalisations the paper text does not describe: the joint
+      distance matrix is divided column-wise by each column's maximum and then transposed, so row p
+      holds d(p, .) / max_j d(j, p) (= max_j d(p, j), d being symmetric) -- this scaled distance is
+      used in Eq. (7) and in step 7; and each V row is divided by its sum (Eq. (7) becomes a
+      distribution over R*(p, k1)). Ranks, hence the neighbour sets, are unchanged by either. (The
+      transpose assumes symmetric ``q_q_sim`` and ``g_g_sim``, as cosine similarities are.)
+      (That code also squares the distances it is given, which are Euclidean; ``2 - 2s`` already
+      is the squared Euclidean distance of unit vectors.)
+    - ``"paper"``: the paper text's equations as written above, without either normalisation.
+
+    The neighbour-list sizes (k1 + 1 with self, k2 with self) match the public implementation, so
+    k1 = 20, k2 = 6, lambda = 0.3 (the paper's setting) mean the same in both forms. Similarities other
+    than cosines should be rescaled to [-1, 1] first, as d assumes unit vectors.
 
     Args:
         q_g_sim: [Q, G] query-gallery similarities; q_q_sim: [Q, Q]; g_g_sim: [G, G].
         k1, k2: neighbourhood sizes (1 <= k1 < Q + G, 1 <= k2 <= Q + G).
         lambda_value: weight of the original distance, in [0, 1].
         chunk_size: rows of the joint matrix per chunk (default: about ``CHUNK_ELEMENTS`` entries).
+        form: ``"released"`` (the public code's normalisations, default) or ``"paper"`` (see above).
 
     Returns:
         [Q, G] tensor of -d* (float32, or float64 for float64 input), on the input's device.
@@ -350,24 +366,38 @@ def k_reciprocal(q_g_sim: ScoreMatrix, q_q_sim: ScoreMatrix, g_g_sim: ScoreMatri
     _check_count("k2", k2, 1, n, f"the {n} queries + gallery samples")
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value must lie in [0, 1], got {lambda_value!r}")
+    if form not in K_RECIPROCAL_FORMS:
+        raise ValueError(f"form must be one of {list(K_RECIPROCAL_FORMS)}, got {form!r}")
     _check_finite(("q_g_sim", qg), ("q_q_sim", qq), ("g_g_sim", gg))
     dtype = _work_dtype(qg, qq, gg)
     joint = _JointSimilarity(qg.to(dtype), qq.to(dtype), gg.to(dtype))
     chunk = _chunk_rows(chunk_size, n)
 
     width = max(k1 + 1, k2)
-    ranked = torch.cat([stable_topk(joint.rows(lo, min(lo + chunk, n)), width)
-                        for lo in range(0, n, chunk)])
+    ranked, lowest = [], []
+    for lo in range(0, n, chunk):
+        rows = joint.rows(lo, min(lo + chunk, n))
+        ranked.append(stable_topk(rows, width))
+        lowest.append(rows.min(dim=1).values)
+    ranked = torch.cat(ranked)
+    if form == "released":  # d(p, .) / max_j d(p, j): the largest distance comes from the lowest similarity
+        scale = _distance(torch.cat(lowest)).clamp(min=torch.finfo(dtype).tiny)
+    else:
+        scale = torch.ones(n, dtype=dtype, device=qg.device)
     small = max(1, CHUNK_ELEMENTS // (width * width * 8))             # rows per chunk of the [c, m, m] checks
     recip = _reciprocal(ranked[:, :k1 + 1], small)
     recip_half = _reciprocal(ranked[:, :int(round(k1 / 2)) + 1], small)
     p, g = _expanded_sets(recip, recip_half, small)
 
-    v = torch.sparse_coo_tensor(torch.stack([p, g]), torch.exp(-_distance(joint.entries(p, g))),
-                                (n, n), check_invariants=False).coalesce()  # Eq. (7)
+    weight = torch.exp(-_distance(joint.entries(p, g)) / scale[p])   # Eq. (7)
+    if form == "released":                                            # each V row sums to 1
+        row_sum = torch.zeros(n, dtype=dtype, device=weight.device).index_add_(0, p, weight)
+        weight = weight / row_sum[p]
+    v = torch.sparse_coo_tensor(torch.stack([p, g]), weight, (n, n), check_invariants=False).coalesce()
     if k2 > 1:
         v = _query_expansion(v, ranked[:, :k2])
 
-    out = (-lambda_value) * _distance(joint.q_g)                      # final d*, negated
+    out = joint.q_g * -2.0                                            # final d*, negated, built in place:
+    out.add_(2.0).mul_(-lambda_value / scale[:n_q, None])             # -lambda d(p, g) (one [Q, G] buffer)
     _jaccard_distance_into(v, n_q, out, -(1.0 - lambda_value), CHUNK_ELEMENTS)
     return out

@@ -13,7 +13,16 @@ Layout of ``<runs>/<method>-<config_hash>/``::
     embeddings/       cached encodings per split (Run.embeddings)
 
 ``train_or_load(cfg)`` trains only what is missing: nothing when ``metrics.json`` exists, the rest of an
-interrupted run otherwise (resuming ``last.pt``). Two processes asking for the same run serialise on an
+interrupted run otherwise (resuming ``last.pt``).
+
+Provenance of the code: a finished run records ``code_fingerprint`` in ``metrics.json``, a hash of the library
+sources that decide its result (:func:`code_fingerprint`; everything under ``tbps_lib/`` except
+:data:`FINGERPRINT_EXCLUDE`) with the git commit and a dirty flag when the library is a git checkout. A run
+whose recorded hash differs from the current sources, or that has none (made before fingerprints existed:
+"unknown code"), is *stale* (:attr:`Run.stale`, the ``stale`` column of :func:`list_runs`, ``tbps runs list
+--stale``). ``train_or_load(cfg, stale=...)`` says what to do with a stale finished run: ``"warn"`` (the
+default: load it and print a warning), ``"retrain"`` (move its files to ``<runs>/.stale/`` and train again)
+or ``"ok"`` (load it silently); ``$TBPS_STALE`` sets the default (e.g. ``TBPS_STALE=retrain make reproduce``). Two processes asking for the same run serialise on an
 ``fcntl.flock`` of ``<run>/.lock``: the second waits, then finds the finished run and loads it.
 The root is the ``runs_dir`` argument, else ``TBPS_RUNS``, else ``./runs``.
 """
@@ -21,10 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
+import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -51,8 +65,83 @@ EMBEDDINGS_DIR = "embeddings"
 LOCK_FILE = ".lock"
 
 
+STALE_DIR = ".stale"
+#: What ``train_or_load`` does with a finished run made by other code (see the module docstring).
+STALE_POLICIES = ("warn", "retrain", "ok")
+#: Parts of the library that cannot change a trained run's numbers, left out of its code fingerprint:
+#: analysis and figures, the command line, caption search, the demo, the papers' reported numbers and
+#: the dataset explorer. (Paths relative to the package; a trailing "/" names a folder.)
+FINGERPRINT_EXCLUDE = ("analysis/", "reported/", "cli.py", "demo.py", "search.py", "data/explore.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
 class RunError(FileNotFoundError):
     """A run folder is missing, incomplete, or does not match the config asked for."""
+
+
+def _fingerprint_files(package_dir: Path) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of every library file the fingerprint covers, sorted."""
+    files = []
+    for path in package_dir.rglob("*"):
+        rel = path.relative_to(package_dir).as_posix()
+        if ("__pycache__" in path.parts or path.suffix in (".pyc", ".pyo") or not path.is_file()
+                or any(rel.startswith(e) if e.endswith("/") else rel == e for e in FINGERPRINT_EXCLUDE)):
+            continue
+        files.append((rel, path))
+    return sorted(files)
+
+
+_SOURCES_CACHE: dict[tuple, str] = {}
+
+
+def sources_hash(package_dir: str | Path | None = None) -> str:
+    """16 hex digits: SHA-1 of the names and bytes of the library files that decide a run's result.
+
+    Recomputed only when a file's size or modification time changed (cached per process on them).
+    """
+    files = _fingerprint_files(Path(package_dir) if package_dir else PACKAGE_DIR)
+    key = tuple((rel, p.stat().st_mtime_ns, p.stat().st_size) for rel, p in files)
+    if key not in _SOURCES_CACHE:
+        digest = hashlib.sha1()
+        for rel, path in files:
+            digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+        _SOURCES_CACHE[key] = digest.hexdigest()[:16]
+    return _SOURCES_CACHE[key]
+
+
+def _git(package_dir: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code_fingerprint(package_dir: str | Path | None = None) -> dict[str, Any]:
+    """The code a run is trained by: ``sources`` (:func:`sources_hash`, what staleness compares), ``files``
+    (how many files it covers), ``commit`` (git HEAD, or None outside a git checkout) and ``dirty`` (whether
+    the library folder has uncommitted changes; None without git)."""
+    package_dir = Path(package_dir) if package_dir else PACKAGE_DIR
+    status = _git(package_dir, "status", "--porcelain", "--", ".")
+    return {"sources": sources_hash(package_dir), "files": len(_fingerprint_files(package_dir)),
+            "commit": _git(package_dir, "rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def stale_reason(metrics: Mapping[str, Any], current: str | None = None) -> str | None:
+    """Why a finished run's numbers may not come from the current code (None: they do).
+
+    ``metrics``: the run's ``metrics.json``; ``current``: :func:`sources_hash` of the library now.
+    """
+    recorded = metrics.get("code_fingerprint")
+    if not isinstance(recorded, Mapping) or not recorded.get("sources"):
+        return "unknown code: trained before runs recorded a code fingerprint"
+    current = current or sources_hash()
+    if recorded["sources"] == current:
+        return None
+    commit = recorded.get("commit")
+    made = f"commit {commit[:10]}" + (" with uncommitted changes" if recorded.get("dirty") else "") \
+        if commit else "code outside git"
+    return f"trained by other code (sources {recorded['sources']}, {made}; the library is now {current})"
 
 
 def library_version() -> str:
@@ -212,6 +301,19 @@ class Run:
         return _read_json(path)
 
     @property
+    def stale_reason(self) -> str | None:
+        """Why this run's numbers may not come from the current library code, or None when they do
+        (:func:`stale_reason`); None for a run that has not finished."""
+        if not (self.dir / METRICS_FILE).is_file():
+            return None
+        return stale_reason(self.metrics)
+
+    @property
+    def stale(self) -> bool:
+        """True when the run was made by other code than the current library (or by unknown code)."""
+        return self.stale_reason is not None
+
+    @property
     def history(self) -> pd.DataFrame:
         """One row per epoch: epoch, step, loss terms, lr, val_* metrics, time_s."""
         path = self.dir / trainer.HISTORY
@@ -268,17 +370,19 @@ class Run:
 
     def evaluate(self, split: str = "test", rerank: str | None = None,
                  rerank_params: Mapping[str, Any] | None = None, dataset: str | None = None,
-                 root: str | None = None) -> dict[str, float]:
-        """R1/R5/R10/mAP/mINP of ``split`` with the selected model, optionally re-ranked; ``dataset`` /
-        ``root`` evaluate on another dataset's split (see :meth:`embeddings`)."""
+                 root: str | None = None) -> dict[str, Any]:
+        """R1/R5/R10/mAP/mINP of ``split`` with the selected model, optionally re-ranked (the result then
+        names the re-ranking under ``"rerank"``); ``dataset`` / ``root`` evaluate on another dataset's split
+        (see :meth:`embeddings`)."""
         return evaluate(self.model, self.embeddings(split, dataset=dataset, root=root), rerank=rerank,
                         rerank_params=rerank_params)
 
     def provenance(self, split: str | None = None) -> dict[str, Any]:
         """Where a number comes from: the provenance fields of ``metrics.json`` (plus ``split``)."""
         keep = ("method", "config_hash", "preset", "dataset", "seed", "device", "library_version", "init",
-                "init_from", "dataset_notes", "selected", "wall_time_s")
+                "init_from", "dataset_notes", "selected", "wall_time_s", "code_fingerprint")
         prov = {k: v for k, v in self.metrics.items() if k in keep}
+        prov["stale"] = self.stale
         if split is not None:
             prov["split"] = split
         return prov
@@ -297,7 +401,7 @@ def _prepare_folder(run_dir: Path, cfg: Config, ds: TBPSDataset) -> CaptionToken
     """Write (or check) config.json and build (or reload) the tokenizer; rank 0 only."""
     path = run_dir / CONFIG_FILE
     if path.is_file():
-        diff = config_diff(config_from_dict(_read_json(path)), cfg)
+        diff = config_diff(config_from_dict(_read_json(path)), cfg, results_only=True)
         if diff:
             raise RunError(f"{path} does not match the requested config: {'; '.join(diff)}")
     else:
@@ -319,6 +423,7 @@ def _write_metrics(run_dir: Path, cfg: Config, ds: TBPSDataset, model: torch.nn.
                    else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"),
         "world_size": world_info()[0],
         "library_version": library_version(), "torch_version": torch.__version__,
+        "code_fingerprint": code_fingerprint(),
         "init": _encoder_init(model), "init_from": init_from, "dataset_notes": list(ds.report.notes),
         "selected": {"epoch": result.best_epoch, "step": result.best_step,
                      "select_metric": cfg.eval.select_metric},
@@ -341,21 +446,66 @@ def _train(run_dir: Path, cfg: Config, ds: TBPSDataset, tokenizer: CaptionTokeni
         _write_metrics(run_dir, cfg, ds, model, result, device, init_from)
 
 
+def _stale_policy(stale: str | None) -> str:
+    policy = (stale or os.environ.get("TBPS_STALE") or "warn").strip().lower()
+    if policy not in STALE_POLICIES:
+        where = "stale" if stale else "$TBPS_STALE"
+        raise ValueError(f"{where} must be one of {list(STALE_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def _keep_finished(run: Run, policy: str) -> bool:
+    """Whether to use the finished ``run`` as it is under the stale-run ``policy`` (warning if asked)."""
+    reason = run.stale_reason
+    if reason is None or policy == "ok":
+        return True
+    if policy == "warn":
+        print(f"warning: stale run {run.dir}: {reason}. Its numbers may not be what the current code gives; "
+              "retrain it with train_or_load(cfg, stale='retrain') or TBPS_STALE=retrain (list them with "
+              "`tbps runs list --stale`).", file=sys.stderr, flush=True)
+        return True
+    return False
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Move a stale run's files (not its lock) to ``<runs>/.stale/<name>-<sources>``; return that folder."""
+    recorded = _read_json(run_dir / METRICS_FILE).get("code_fingerprint") or {}
+    base = run_dir.parent / STALE_DIR / f"{run_dir.name}-{recorded.get('sources') or 'unknown'}"
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}.{n}")
+    target.mkdir(parents=True)
+    for child in run_dir.iterdir():
+        if child.name != LOCK_FILE:
+            shutil.move(str(child), str(target / child.name))
+    print(f"retraining stale run {run_dir}; its old files are in {target}", file=sys.stderr, flush=True)
+    return target
+
+
 def train_or_load(cfg: Config, runs_dir: str | Path | None = None, progress: bool = True,
-                  device: str | torch.device | None = None) -> Run:
+                  device: str | torch.device | None = None, stale: str | None = None) -> Run:
     """The run of ``cfg``: trained (or its interruption resumed) if ``metrics.json`` is missing, else loaded.
 
+    ``stale``: what to do when the finished run was made by other code (:attr:`Run.stale`): ``"warn"``
+    (load it and print a warning to stderr), ``"retrain"`` (move its files to ``<runs>/.stale/`` and train
+    it again) or ``"ok"`` (load it silently); default ``$TBPS_STALE``, else ``"warn"``.
     Safe to call from several processes at once (a file lock serialises them) and under ``torchrun``
     (every rank trains its share; rank 0 writes).
     """
+    policy = _stale_policy(stale)
     ds = prepare_dataset(cfg)
     cfg = resolve_config(cfg, ds)
     run_dir = runs_root(runs_dir) / run_name(cfg)
     chosen = select_device(device)
     if (run_dir / METRICS_FILE).is_file():
-        return Run(run_dir, cfg, chosen, ds)
+        existing = Run(run_dir, cfg, chosen, ds)
+        if _keep_finished(existing, policy):
+            return existing
     world, rank = world_info()
     if world > 1:  # rank 0 prepares the folder, the others wait and read its tokenizer
+        if rank == 0 and (run_dir / METRICS_FILE).is_file():
+            _set_aside(run_dir)
         tokenizer = _prepare_folder(run_dir, cfg, ds) if rank == 0 else None
         barrier()
         tokenizer = tokenizer or CaptionTokenizer.load(run_dir / TOKENIZER_DIR)
@@ -363,8 +513,11 @@ def train_or_load(cfg: Config, runs_dir: str | Path | None = None, progress: boo
         barrier()
         return Run(run_dir, cfg, chosen, ds, trained_now=True)
     with run_lock(run_dir):
-        if (run_dir / METRICS_FILE).is_file():  # another process finished it while we waited
-            return Run(run_dir, cfg, chosen, ds)
+        if (run_dir / METRICS_FILE).is_file():  # another process finished it while we waited, or it is stale
+            existing = Run(run_dir, cfg, chosen, ds)
+            if policy != "retrain" or not existing.stale:
+                return existing
+            _set_aside(run_dir)
         tokenizer = _prepare_folder(run_dir, cfg, ds)
         _train(run_dir, cfg, ds, tokenizer, chosen, progress, runs_dir)
     return Run(run_dir, cfg, chosen, ds, trained_now=True)
@@ -406,12 +559,17 @@ def find_run(cfg: Config, runs_dir: str | Path | None = None,
     return Run(run_dir, resolved, select_device(device), ds)
 
 
-def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """One row per run folder under the root: method, hash, preset, dataset, status, epochs, selected
-    checkpoint's val metric, test R1/R5/R10/mAP/mINP, wall time and folder."""
+def list_runs(runs_dir: str | Path | None = None, only_stale: bool = False) -> pd.DataFrame:
+    """One row per run folder under the root: method, hash, preset, dataset, status, stale, epochs, selected
+    checkpoint's val metric, test R1/R5/R10/mAP/mINP, wall time and folder.
+
+    ``stale`` (finished runs): True when the run was made by other code than the current library, or by
+    unknown code (:attr:`Run.stale`); None for unfinished runs. ``only_stale`` keeps the stale runs only.
+    """
     root = runs_root(runs_dir)
-    columns = ["method", "hash", "preset", "dataset", "status", "epochs", "val_select", "R1", "R5", "R10",
-               "mAP", "mINP", "wall_time_s", "dir"]
+    columns = ["method", "hash", "preset", "dataset", "status", "stale", "epochs", "val_select", "R1", "R5",
+               "R10", "mAP", "mINP", "wall_time_s", "dir"]
+    current = sources_hash()
     rows = []
     for path in sorted(root.glob(f"*/{CONFIG_FILE}")) if root.is_dir() else []:
         data = _read_json(path)
@@ -422,15 +580,17 @@ def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
         if metrics_path.is_file():
             m = _read_json(metrics_path)
             select = m["selected"]["select_metric"]
-            row.update(status="done", epochs=m.get("epochs"), val_select=m["val"].get(select),
+            row.update(status="done", stale=stale_reason(m, current) is not None, epochs=m.get("epochs"),
+                       val_select=m["val"].get(select),
                        wall_time_s=m.get("wall_time_s"),
                        **{k: m["test"].get(k) for k in ("R1", "R5", "R10", "mAP", "mINP")})
         else:
             row["status"] = "partial" if (path.parent / trainer.LAST).is_file() else "empty"
         rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    return table[table["stale"] == True].reset_index(drop=True) if only_stale else table  # noqa: E712
 
 
-__all__ = ["RunError", "runs_root", "run_name", "resolve_config", "init_source", "initialise", "run_lock", "Run",
-           "load_run",
+__all__ = ["RunError", "STALE_POLICIES", "FINGERPRINT_EXCLUDE", "sources_hash", "code_fingerprint", "stale_reason",
+           "runs_root", "run_name", "resolve_config", "init_source", "initialise", "run_lock", "Run", "load_run",
            "train_or_load", "find_run", "list_runs"]

@@ -311,8 +311,9 @@ def init_weights(model: nn.Module, state: dict[str, Tensor], skip: tuple[str, ..
 
 
 def check_same_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
-    """Refuse to resume ``path`` (saved under config ``saved``) with a different ``cfg``."""
-    diff = config_diff(config_from_dict(saved), cfg)
+    """Refuse to resume ``path`` (saved under config ``saved``) with a different ``cfg`` (fields that do not
+    change results, ``config.RESULT_NEUTRAL_FIELDS``, may differ)."""
+    diff = config_diff(config_from_dict(saved), cfg, results_only=True)
     if diff:
         raise ResumeError(f"{path} was trained with a different config; refusing to resume. "
                           f"Differing fields (checkpoint -> now): {'; '.join(diff)}")
