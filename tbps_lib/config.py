@@ -116,6 +116,10 @@ class EvalConfig:
     select_metric: str = "R1"  # the validation metric that selects the checkpoint
     batch_size: int = 256
     chunk_size: int = 1024  # text rows per similarity chunk
+    # Two-stage inference (rerank="rescore", methods with RetrievalModel.rescore): the rescore_k best
+    # gallery images of each query are re-scored, rescore_pairs text-image pairs per call at most.
+    rescore_k: int = 16
+    rescore_pairs: int = 512
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,11 @@ class Run:
                  rerank_params: Mapping[str, Any] | None = None, dataset: str | None = None,
                  root: str | None = None) -> dict[str, float]:
         """R1/R5/R10/mAP/mINP of ``split`` with the selected model, optionally re-ranked; ``dataset`` /
-        ``root`` evaluate on another dataset's split (see :meth:`embeddings`)."""
+        ``root`` evaluate on another dataset's split (see :meth:`embeddings`).
+
+        ``rerank``: None, ``"visual_neighbors"``, ``"k_reciprocal"`` or ``"rescore"`` (two-stage inference:
+        the method's ``rescore`` of the top ``eval.rescore_k`` of each query; a method without one raises
+        ``RescoreNotSupported``); see ``engine.evaluate.evaluate``."""
         return evaluate(self.model, self.embeddings(split, dataset=dataset, root=root), rerank=rerank,
                         rerank_params=rerank_params)
 

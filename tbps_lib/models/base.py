@@ -6,6 +6,9 @@
   The default is the cosine similarity of the ``"global"`` embeddings (one matmul per chunk); methods
   with several embeddings or a pairwise scorer override :meth:`RetrievalModel.pair_scores`.
 * Training-only modules (decoders, classifiers) are never used by ``encode_*`` or ``similarity``.
+* Optional two-stage inference: ``rescore(image_feats, text_feats, candidates)`` re-scores the top-k
+  gallery candidates of each text with a pairwise head (e.g. LAIP's / ALBEF's ITM head); default: not
+  supported (``can_rescore`` is False). See the "Two-stage inference" block of :class:`RetrievalModel`.
 
 A batch is a dict made by ``tbps_lib.data.loaders.collate``:
 ``images`` float [B, 3, H, W]; ``input_ids``, ``attention_mask`` long [B, L]; ``token_lengths`` long [B]
@@ -21,6 +24,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class RescoreNotSupported(NotImplementedError):
+    """The model has no second-stage scorer (``rescore``), but re-scoring was asked for."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__(
+            f"{model_name} has no second-stage scorer: rerank='rescore' needs a method that implements "
+            f"RetrievalModel.rescore (e.g. an ITM head); use rerank=None, 'visual_neighbors' or "
+            f"'k_reciprocal' instead")
 
 
 class RetrievalModel(nn.Module):
@@ -68,3 +81,24 @@ class RetrievalModel(nn.Module):
             if module is not None:
                 params.extend(p for p in module.parameters() if p.requires_grad)
         return params
+
+    # ---- Two-stage inference (re-scoring the top-k) ---------------------------------------------------
+    # Evaluation (``rerank="rescore"``), ``Run.evaluate``, the tables' eval-only rows and ``CaptionSearch``
+    # rank the gallery by ``similarity`` first, then hand the ``eval.rescore_k`` best gallery indices of
+    # each text to ``rescore`` (``eval.rescore_pairs`` text-image pairs per call at most, so a pairwise head
+    # keeps a bounded working set); the re-scored candidates are placed ahead of the rest in their new order.
+
+    @property
+    def can_rescore(self) -> bool:
+        """Whether this model re-scores candidates (its class overrides :meth:`rescore`)."""
+        return type(self).rescore is not RetrievalModel.rescore
+
+    def rescore(self, image_feats: dict[str, Tensor], text_feats: dict[str, Tensor],
+                candidates: Tensor) -> Tensor:
+        """Second-stage scores of ``candidates`` (LongTensor [n_texts, k] of gallery indices into
+        ``image_feats``) for each text of ``text_feats`` (a chunk of n_texts texts): FloatTensor
+        [n_texts, k], higher = better match. Called without gradients, in eval mode, on the model's device.
+
+        Default: not supported (raises :class:`RescoreNotSupported`).
+        """
+        raise RescoreNotSupported(type(self).__name__)
