@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tbps_lib.data.formats import READERS, DatasetError, load_dataset, split_counts
+from tbps_lib.data.catalog import load_dataset
+from tbps_lib.engine.metrics import METRIC_NAMES
+from tbps_lib.data.formats import READERS, DatasetError, split_counts
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -70,7 +72,7 @@ def _changes(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def _metric_line(metrics: dict) -> str:
-    return "  ".join(f"{k} {metrics[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP") if k in metrics)
+    return "  ".join(f"{k} {metrics[k]:.2f}" for k in METRIC_NAMES if k in metrics)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -185,11 +187,12 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    """Regenerate the analysis figures of notebooks 09-11 (training missing runs) and print their numbers."""
+    """Regenerate the figures every registered method declares (training missing runs) and print their
+    numbers."""
     from tbps_lib.analysis.figures import regenerate
 
     out = regenerate(methods=args.methods, mode=args.mode, data=args.data, runs_dir=args.runs, split=args.split,
-                     n_captions=args.captions, progress=not args.quiet)
+                     n_captions=args.captions, progress=not args.quiet, figures=args.figures)
     for name, table in out.tables.items():
         print(f"== {name}")
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
@@ -253,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the query details and results as JSON")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("figures", help="regenerate the analysis figures (notebooks 09-11) from the run registry")
+    p = sub.add_parser("figures", help="regenerate every registered method's figures from the run registry")
     p.add_argument("--methods", nargs="+", default=["baseline", "sew_mcm"],
                    help="registered methods to compare (default: baseline sew_mcm); missing runs are trained")
     p.add_argument("--mode", default=os.environ.get("TBPS_MODE", "smoke"),
@@ -263,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
     p.add_argument("--split", default="test", help="the split the figures show (default test)")
     p.add_argument("--captions", type=int, default=120, help="captions per method in the pointing game")
+    p.add_argument("--figures", nargs="+", default=None, metavar="NAME",
+                   help="only these figures (default: every figure the registered methods declare)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while training")
     p.set_defaults(func=cmd_figures)
 

@@ -38,6 +38,7 @@ from tbps_lib.data.loaders import build_tokenizer, prepare_dataset, train_captio
 from tbps_lib.data.text import CaptionTokenizer
 from tbps_lib.engine import trainer
 from tbps_lib.engine.evaluate import Encoded, encode, evaluate
+from tbps_lib.engine.metrics import METRIC_NAMES
 from tbps_lib.models.registry import build_model
 from tbps_lib.utils import atomic_torch_save, atomic_write_json, read_jsonl, seed_everything, select_device
 
@@ -364,8 +365,8 @@ def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per run folder under the root: method, hash, preset, dataset, status, epochs, selected
     checkpoint's val metric, test R1/R5/R10/mAP/mINP, wall time and folder."""
     root = runs_root(runs_dir)
-    columns = ["method", "hash", "preset", "dataset", "status", "epochs", "val_select", "R1", "R5", "R10",
-               "mAP", "mINP", "wall_time_s", "dir"]
+    columns = ["method", "hash", "preset", "dataset", "status", "epochs", "val_select", *METRIC_NAMES,
+               "wall_time_s", "dir"]
     rows = []
     for path in sorted(root.glob(f"*/{CONFIG_FILE}")) if root.is_dir() else []:
         data = _read_json(path)
@@ -378,7 +379,7 @@ def list_runs(runs_dir: str | Path | None = None) -> pd.DataFrame:
             select = m["selected"]["select_metric"]
             row.update(status="done", epochs=m.get("epochs"), val_select=m["val"].get(select),
                        wall_time_s=m.get("wall_time_s"),
-                       **{k: m["test"].get(k) for k in ("R1", "R5", "R10", "mAP", "mINP")})
+                       **{k: m["test"].get(k) for k in METRIC_NAMES})
         else:
             row["status"] = "partial" if (path.parent / trainer.LAST).is_file() else "empty"
         rows.append(row)
