@@ -236,10 +236,12 @@ def rescore_topk(model: torch.nn.Module, image_feats: Mapping[str, Tensor], text
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cands, scores = [], []
+    # the first-stage top-k of many rows at once (few large ops), then the head on small chunks of them
+    cands = torch.cat([stable_topk(sim[s:s + 1024], k) for s in range(0, n_texts, 1024)])
+    scores = torch.empty(cands.shape, dtype=torch.float32, device=sim.device)
     try:
         for start in range(0, n_texts, rows):
-            cand = stable_topk(sim[start:start + rows], k)
+            cand = cands[start:start + rows]
             chunk = {name: v[start:start + rows] for name, v in text_feats.items()}
             with autocast_context(device):
                 out = model.rescore(dict(image_feats), chunk, cand.to(device))
@@ -247,11 +249,10 @@ def rescore_topk(model: torch.nn.Module, image_feats: Mapping[str, Tensor], text
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"{type(model).__name__}.rescore returned {got}, expected a tensor of shape "
                                  f"[n_texts, k] = {list(cand.shape)}")
-            cands.append(cand)
-            scores.append(out.float().to(sim.device))
+            scores[start:start + rows] = out.float()
     finally:
         model.train(was_training)
-    return torch.cat(cands), torch.cat(scores)
+    return cands, scores
 
 
 def rescored_ranking(sim: Tensor, candidates: Tensor, scores: Tensor) -> Tensor:
