@@ -39,12 +39,18 @@ def random_batch(cfg, batch_size: int, device: torch.device) -> dict:
     }
 
 
-def measure(method: str, preset: str, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
+def bench_config(method: str, preset: str, batch_size: int, changes: dict | None = None):
+    """``method``'s ``preset`` config for random batches of ``batch_size`` (2 pairs per identity): the sizes
+    that a dataset would resolve (classes, Sew's caption-length bounds) are set from the batch."""
     cfg = make_config(method, preset)
-    changes = {"model.num_classes": max(batch_size // 2, 2), "data.batch_size": batch_size}
+    fixed = {"model.num_classes": max(batch_size // 2, 2), "data.batch_size": batch_size, **(changes or {})}
     if getattr(cfg.model, "t_max", None) == 0:  # Sew's caption-length bounds come from data: use the batch's
-        changes.update({"model.t_min": 10.0, "model.t_max": 40.0})
-    cfg = override(cfg, changes)
+        fixed.update({"model.t_min": 10.0, "model.t_max": 40.0})
+    return override(cfg, fixed)
+
+
+def measure(method: str, preset: str, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
+    cfg = bench_config(method, preset, batch_size)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     optimizer = build_optimizer(model, cfg)

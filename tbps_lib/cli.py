@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tbps_lib.data.formats import READERS, DatasetError, load_dataset, split_counts
+from tbps_lib.data.catalog import load_dataset
+from tbps_lib.engine.evaluate import RERANKERS, RESCORE
+from tbps_lib.engine.metrics import METRIC_NAMES
+from tbps_lib.data.formats import READERS, DatasetError, split_counts
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -70,7 +73,7 @@ def _changes(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def _metric_line(metrics: dict) -> str:
-    return "  ".join(f"{k} {metrics[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP") if k in metrics)
+    return "  ".join(f"{k} {metrics[k]:.2f}" for k in METRIC_NAMES if k in metrics)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -186,11 +189,12 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    """Regenerate the analysis figures of notebooks 09-11 (training missing runs) and print their numbers."""
+    """Regenerate the figures every registered method declares (training missing runs) and print their
+    numbers."""
     from tbps_lib.analysis.figures import regenerate
 
     out = regenerate(methods=args.methods, mode=args.mode, data=args.data, runs_dir=args.runs, split=args.split,
-                     n_captions=args.captions, progress=not args.quiet)
+                     n_captions=args.captions, progress=not args.quiet, figures=args.figures)
     for name, table in out.tables.items():
         print(f"== {name}")
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
@@ -237,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
     p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
     p.add_argument("--split", default="test", help="val or test (default test)")
-    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal", "k_reciprocal_paper"],
+    p.add_argument("--rerank", default=None, choices=[*RERANKERS, RESCORE],
                    help="re-rank the text-to-image scores (k_reciprocal: the released code's form; "
-                        "k_reciprocal_paper: the paper text's)")
+                        "k_reciprocal_paper: the paper text's; rescore: the method's second stage on the top-k)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
     p.add_argument("--json", action="store_true", help="print metrics and provenance as JSON")
     p.set_defaults(func=cmd_eval)
@@ -248,14 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
     p.add_argument("caption", help="the description of a person, in quotes")
     p.add_argument("--k", type=int, default=10, help="how many images to list (default 10)")
-    p.add_argument("--rerank", default=None, choices=["visual_neighbors", "k_reciprocal", "k_reciprocal_paper"],
-                   help="re-rank the scores with the gallery's visual neighbourhoods")
+    p.add_argument("--rerank", default=None, choices=[*RERANKERS, RESCORE],
+                   help="re-rank the scores (visual neighbourhoods, k-reciprocal, or the method's second stage)")
     p.add_argument("--split", default="test", help="the gallery: every image of this split (default test)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
     p.add_argument("--json", action="store_true", help="print the query details and results as JSON")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("figures", help="regenerate the analysis figures (notebooks 09-11) from the run registry")
+    p = sub.add_parser("figures", help="regenerate every registered method's figures from the run registry")
     p.add_argument("--methods", nargs="+", default=["baseline", "sew_mcm"],
                    help="registered methods to compare (default: baseline sew_mcm); missing runs are trained")
     p.add_argument("--mode", default=os.environ.get("TBPS_MODE", "smoke"),
@@ -265,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
     p.add_argument("--split", default="test", help="the split the figures show (default test)")
     p.add_argument("--captions", type=int, default=120, help="captions per method in the pointing game")
+    p.add_argument("--figures", nargs="+", default=None, metavar="NAME",
+                   help="only these figures (default: every figure the registered methods declare)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while training")
     p.set_defaults(func=cmd_figures)
 

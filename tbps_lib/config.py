@@ -52,6 +52,8 @@ import types
 import typing
 from typing import Any, Mapping
 
+from tbps_lib.models.registry import method_spec
+
 PRESETS = ("smoke", "paper")
 
 
@@ -119,6 +121,10 @@ class EvalConfig:
     select_metric: str = "R1"  # the validation metric that selects the checkpoint
     batch_size: int = 256
     chunk_size: int = 1024  # text rows per similarity chunk
+    # Two-stage inference (rerank="rescore", methods with RetrievalModel.rescore): the rescore_k best
+    # gallery images of each query are re-scored, rescore_pairs text-image pairs per call at most.
+    rescore_k: int = 16
+    rescore_pairs: int = 512
 
 
 @dataclass(frozen=True)
@@ -239,8 +245,6 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Rebuild a Config saved with :func:`config_to_dict` (the model config class comes from the registry)."""
-    from tbps_lib.models.registry import method_spec
-
     data = dict(data)
     if "method" not in data:
         raise ValueError("a config needs a 'method' field")
@@ -294,8 +298,6 @@ def make_config(method: str, preset: str = "smoke", dataset: str | None = None,
     The smoke preset is shared (small encoders, the synthetic benchmark, CPU minutes); each method's
     ``presets`` in the registry adds its own fields (the paper's hyperparameters for ``paper``).
     """
-    from tbps_lib.models.registry import method_spec
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {list(PRESETS)}")
     spec = method_spec(method)

@@ -18,6 +18,12 @@ released code's, and ``k_reciprocal_paper``) through ``engine.evaluate.rerank_si
 that caption; for ``k_reciprocal`` the other test captions are not part of the neighbourhood graph, so its
 scores differ from the all-queries evaluation.
 
+Two-stage inference (``rerank="rescore"``, methods with ``RetrievalModel.rescore``): the caption's first-stage
+row is re-scored for its ``eval.rescore_k`` best images with ``engine.evaluate.rescore_topk``, exactly as in
+evaluation, so the ranking equals the evaluation's re-scored row for that caption; the ``score`` column holds
+the second-stage score for the re-scored ranks and the first-stage score below them (``attrs["rescored"]``
+says how many of the table's rows were re-scored).
+
 Ties are broken by the lower gallery index, as in ``engine.metrics`` (the faiss path excepted: faiss orders
 exact ties its own way).
 """
@@ -35,8 +41,8 @@ from torch import Tensor
 from tbps_lib.data.loaders import collate
 from tbps_lib.data.text import CaptionTokenizer, caption_words
 from tbps_lib.engine import rerank as rerank_lib
-from tbps_lib.engine.evaluate import (RERANKERS, Encoded, autocast_context, model_inputs, rerank_similarity,
-                                     to_device)
+from tbps_lib.engine.evaluate import (RERANKERS, RESCORE, Encoded, autocast_context, model_inputs,
+                                     rerank_similarity, rescore_topk, rescored_ranking, to_device)
 from tbps_lib.engine.rerank import stable_topk
 from tbps_lib.models.base import RetrievalModel
 
@@ -234,35 +240,48 @@ class CaptionSearch:
                rerank_params: Mapping[str, Any] | None = None, true_pid: int | None = None) -> pd.DataFrame:
         """The ``k`` best gallery images for ``caption`` (fewer if the gallery is smaller).
 
-        ``rerank``: None or one of ``engine.evaluate.RERANKERS`` (``rerank_params`` go to the engine's
-        function); ``.attrs["rerank"]`` names the one used. ``true_pid``: the person the caption describes; by default looked up when the caption is
+        ``rerank``: None, one of ``engine.evaluate.RERANKERS`` (``rerank_params`` go to the engine's
+        function) or ``"rescore"`` (the model's second stage on the top ``eval.rescore_k``; ``rerank_params``
+        may hold ``k`` and ``max_pairs``); ``.attrs["rerank"]`` names the one used. ``true_pid``: the person the caption describes; by default looked up when the caption is
         one of the split's. Returns one row per rank with the columns of ``RESULT_COLUMNS`` (``match`` is
         None when the truth is unknown); ``.attrs`` holds caption, k, rerank, scoring, true_pid,
-        unknown_words, latency_ms (encoding + scoring + top-k) and the gallery name.
+        unknown_words, latency_ms (encoding + scoring + top-k), the gallery name and ``rescored`` (leading rows whose
+        score is the second-stage one; 0 unless ``rerank="rescore"``).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SearchInputError(f"k must be a positive integer, got {k!r}")
-        if rerank is not None and rerank not in RERANKERS:
-            raise SearchInputError(f"unknown re-ranking {rerank!r}; choose one of {list(RERANKERS)} or None")
+        if rerank is not None and rerank not in RERANKERS + (RESCORE,):
+            raise SearchInputError(f"unknown re-ranking {rerank!r}; choose one of {list(RERANKERS + (RESCORE,))} "
+                                   f"or None")
+        if rerank == RESCORE and not getattr(self.model, "can_rescore", False):
+            raise SearchInputError(f"{type(self.model).__name__} has no second-stage scorer (rescore); "
+                                   f"choose another re-ranking")
         unknown = self.check_caption(caption)
-        if rerank is not None:
+        if rerank in RERANKERS:
             self.image_image()  # once per gallery, outside the timed part
         start = time.perf_counter()
         feats = self.encode_caption(caption)
         k = min(int(k), self.gallery_size)
+        n_rescored = 0
         if rerank is None and self.index is not None:
             scores, idx = (t[0] for t in self.index.top_k(feats["global"], k))
         else:
             row = self.scores(feats)
-            if rerank is not None:
-                row = self._reranked(feats, row, rerank, rerank_params)
+            shown = row
+            if rerank == RESCORE:
+                cand, second = rescore_topk(self.model, self.image_feats, feats, row[None], **dict(rerank_params or {}))
+                shown = row.float().clone().scatter_(0, cand[0], second[0])
+                row = rescored_ranking(row[None], cand, second)[0]
+                n_rescored = min(k, cand.shape[1])
+            elif rerank is not None:
+                row = shown = self._reranked(feats, row, rerank, rerank_params)
             top = stable_topk(row[None], k)[0]
-            scores, idx = row[top].cpu(), top.cpu()
+            scores, idx = shown[top].cpu(), top.cpu()
         latency_ms = (time.perf_counter() - start) * 1000
         truth = self.truth_of(caption) if true_pid is None else int(true_pid)
         return self._table(caption, scores, idx, truth, {
             "caption": caption, "k": k, "rerank": rerank, "scoring": self.scoring, "true_pid": truth,
-            "unknown_words": unknown, "latency_ms": latency_ms, "gallery": self.name})
+            "unknown_words": unknown, "latency_ms": latency_ms, "gallery": self.name, "rescored": n_rescored})
 
     def _table(self, caption: str, scores: Tensor, idx: Tensor, truth: int | None,
                attrs: dict[str, Any]) -> pd.DataFrame:

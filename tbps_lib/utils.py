@@ -20,6 +20,10 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+IGNORE_INDEX = -100
+"""Label of positions no loss is computed on (``torch.nn.functional.cross_entropy``'s default ignore index):
+the masked-token labels of ``data.text`` and the losses that read them share it."""
+
 PROGRESS_ENV = "TBPS_PROGRESS"
 DEVICE_ENV = "TBPS_DEVICE"
 

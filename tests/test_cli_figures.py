@@ -43,3 +43,40 @@ def test_tbps_figures_trains_and_writes_every_figure(tiny_set, tmp_path, monkeyp
 def test_tbps_figures_unknown_method(capsys):
     assert main(["figures", "--methods", "no_such_method", "--quiet"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def _toy_figure(runs, *, split="test", **_):
+    """A declared figure: one bar per run (its number of test captions), with that table."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    table = pd.DataFrame({"captions": {m: r.embeddings(split).n_queries for m, r in runs.items()}})
+    fig, ax = plt.subplots()
+    ax.bar(list(table.index), table["captions"])
+    return fig, {"toy_captions": table}
+
+
+def test_a_method_declares_its_figures_and_regenerate_draws_them(tiny_set, tmp_path, monkeypatch):
+    from tbps_lib.models import registry
+    from tbps_lib.models.baseline import Baseline, BaselineConfig, smoke_preset
+
+    registry.register_method("fig_toy", BaselineConfig, {"smoke": smoke_preset},
+                             figures={"toy_fig": _toy_figure, "toy_none": lambda runs, **_: (None, {})})(
+        type("FigToy", (Baseline,), {}))
+    try:
+        assert list(registry.method_figures())[-2:] == ["toy_fig", "toy_none"]
+        monkeypatch.setenv("TBPS_FIGURES", str(tmp_path / "figures"))
+        out = figures.regenerate(methods=["baseline"], data=str(tiny_set), runs_dir=tmp_path / "runs",
+                                 figures=["toy_fig", "toy_none", figures.FIG4])
+        assert sorted(out.paths) == sorted([figures.FIG4, "toy_fig"])  # toy_none does not apply: skipped
+        assert (tmp_path / "figures" / "toy_fig.png").stat().st_size > 0
+        assert out.tables["toy_captions"]["captions"]["baseline"] > 0 and "gap" in out.tables
+        with pytest.raises(ValueError, match="unknown figure.*no_such"):
+            figures.regenerate(methods=["baseline"], figures=["no_such"])
+        registry.register_method("fig_toy2", BaselineConfig, {"smoke": smoke_preset},
+                                 figures={"toy_fig": _toy_figure})(type("FigToy2", (Baseline,), {}))
+        with pytest.raises(ValueError, match="'toy_fig' is declared by both 'fig_toy' and 'fig_toy2'"):
+            registry.method_figures()
+    finally:
+        registry._REGISTRY.pop("fig_toy", None)
+        registry._REGISTRY.pop("fig_toy2", None)

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import PATH_KEY, official_entries, write_dataset
 from tbps_lib.cli import main
-from tbps_lib.data.formats import DatasetError, hold_out_validation, load_dataset
+from tbps_lib.data.catalog import load_dataset
+from tbps_lib.data.formats import DatasetError, hold_out_validation
 
 
 def test_reads_each_format(official):

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from tbps_lib.data import loaders
-from tbps_lib.data.formats import DatasetError, caption_pairs, load_dataset
+from tbps_lib.data.catalog import load_dataset
+from tbps_lib.data.formats import DatasetError, caption_pairs
 from tbps_lib.data.loaders import (IdentityBalancedSampler, RandomBatchSampler, SplitCaptions, SplitImages,
                                    TrainPairs, build_tokenizer, collate, prepare_dataset, train_captions)
 from test_trainer import _toy_registered, toy_config, write_toy_dataset  # noqa: F401 (autouse fixture)

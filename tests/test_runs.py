@@ -19,7 +19,7 @@ from tbps_lib.engine.trainer import ResumeError, fit
 from tbps_lib.models.base import MethodConfig
 from test_trainer import _toy_registered, register_toy, toy_config, write_toy_dataset  # noqa: F401
 
-METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+from tbps_lib.engine.metrics import METRIC_NAMES as METRICS
 
 
 @pytest.fixture(scope="module")

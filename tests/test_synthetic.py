@@ -17,7 +17,8 @@ from PIL import Image
 from tbps_lib.data import synthetic
 from tbps_lib.data import synthetic_attributes as attrs
 from tbps_lib.data import synthetic_captions as capmod
-from tbps_lib.data.formats import DatasetError, load_dataset, read_synthetic
+from tbps_lib.data.catalog import load_dataset
+from tbps_lib.data.formats import DatasetError, read_synthetic
 from tbps_lib.data.synthetic_render import PART_LABELS
 
 # Words that name each slot, written out by hand (independent of the generator's own tables).

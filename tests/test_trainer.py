@@ -298,7 +298,7 @@ def test_max_steps_and_random_sampler(toy_data, tmp_path):
 
 
 def test_fit_refuses_a_dataset_without_val(toy_data, tmp_path):
-    from tbps_lib.data.formats import load_dataset
+    from tbps_lib.data.catalog import load_dataset
     from tbps_lib.data.loaders import build_tokenizer, train_captions
 
     root = write_toy_dataset(tmp_path / "noval", splits=("train", "test"))

@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from tbps_lib.analysis.figures import clear_image_axes
 from tbps_lib.data.loaders import collate, load_image, normalize_image
 from tbps_lib.data.text import CaptionTokenizer, caption_words
 from tbps_lib.models.base import RetrievalModel
@@ -564,6 +563,14 @@ class AttentionExample:
     path: str | None = None
 
 
+def clear_image_axes(axes: Any) -> None:
+    """Hide the ticks of image panels and switch off the panels of a grid row that show no image."""
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+        if not ax.images:
+            ax.axis("off")
+
+
 def plot_attention_examples(examples: Sequence[AttentionExample], wrap: int = 34) -> Figure:
     """The Sew paper's Figure 5 for any methods: per example, the image and caption, each method's
     caption-level map, then each method's word-level maps."""
@@ -615,7 +622,7 @@ def plot_query_maps(image: Tensor, maps: Tensor, titles: Sequence[str] | None = 
 
 __all__ = ["WEIGHTINGS", "SLOT_PARTS", "WORD_PARTS", "image_token_layer", "ImageTokenCapture", "gradient_map",
            "text_batch", "HeatmapResult", "caption_maps", "without_span", "word_maps", "cross_attention_maps",
-           "has_decoder_attention", "decoder_word_maps",
+           "has_decoder_attention", "decoder_word_maps", "clear_image_axes",
            "bidirectional_attention", "upsample_map", "overlay", "peak_point", "cell_centre_share",
            "point_scores", "pointing_targets", "part_mask", "phrase_span", "pointing_game", "pointing_summary",
            "AttentionExample", "plot_attention_examples", "plot_query_maps"]

@@ -3,7 +3,10 @@ of notebooks 09-11 built from trained runs, so that notebooks and ``tbps figures
 code.
 
 Each builder takes ``{method: Run}`` (runs from :func:`load_runs`) and returns the figure with the numbers
-that make it checkable; :func:`regenerate` trains or loads the runs and saves every figure:
+that make it checkable. Each method declares its figures in the registry (``figures`` of
+``register_method``: figure name -> builder with the :data:`tbps_lib.models.registry.FigureFn` signature);
+:func:`regenerate` trains or loads the runs and saves the figures of every registered method (those that
+apply to the runs). Sew/MCM declares these (the functions at the end of the "Figure builders" section):
 
 ====================================  ===================================================================
 figure name                           what it rebuilds
@@ -28,27 +31,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from tbps_lib.config import WORKBOOK_ROOT
+from tbps_lib.models.sew_mcm import DECODER, FIG4, FIG5, FIG6, POINTING  # Sew/MCM's figure names
 
 DEFAULT_METHODS = ("baseline", "sew_mcm")
-FIG4 = "sew_fig4_singular_values"
-FIG5 = "sew_fig5_attention"
-FIG6 = "sew_fig6_tsne"
-POINTING = "pointing_game"
-DECODER = "sew_mcm_decoder_cross_attention"
 
 
 def figures_dir() -> Path:
     """``$TBPS_FIGURES`` if set, else ``figures/`` at the repository root (next to ``tbps_lib/``)."""
     env = os.environ.get("TBPS_FIGURES")
     return Path(env) if env else WORKBOOK_ROOT / "figures"
-
-
-def clear_image_axes(axes: Any) -> None:
-    """Hide the ticks of image panels and switch off the panels of a grid row that show no image."""
-    for ax in axes:
-        ax.set_xticks([]), ax.set_yticks([])
-        if not ax.images:
-            ax.axis("off")
 
 
 def save_figure(fig: Figure, name: str, dpi: int = 150) -> list[Path]:
@@ -235,7 +226,7 @@ def decoder_attention_figure(runs: Mapping[str, Any], examples: Sequence[Any]) -
     (one row per example and run); None when no run exposes ``decoder_attention``."""
     import matplotlib.pyplot as plt
 
-    from tbps_lib.analysis.attention import decoder_word_maps, has_decoder_attention, overlay
+    from tbps_lib.analysis.attention import clear_image_axes, decoder_word_maps, has_decoder_attention, overlay
     from tbps_lib.data.loaders import load_image, normalize_image
 
     runs = {n: r for n, r in runs.items() if has_decoder_attention(r.model)}
@@ -259,6 +250,55 @@ def decoder_attention_figure(runs: Mapping[str, Any], examples: Sequence[Any]) -
 
 
 # ------------------------------------------------------------------------------------------------------
+# The registered builders: fn(runs, *, split, n_captions) -> (Figure | None, {table name: DataFrame})
+
+FigureResult = tuple[Figure | None, dict[str, pd.DataFrame]]
+
+
+def sew_fig4(runs: Mapping[str, Any], *, split: str = "test", **_: Any) -> FigureResult:
+    """Sew Fig. 4 with its ``gap`` table (:func:`modality_gap_figure`)."""
+    fig, gap = modality_gap_figure(runs, split)
+    return fig, {"gap": gap}
+
+
+def sew_fig6(runs: Mapping[str, Any], *, split: str = "test", **_: Any) -> FigureResult:
+    """Sew Fig. 6 with its ``tsne`` table (:func:`tsne_figure`)."""
+    fig, table = tsne_figure(runs, split)
+    return fig, {"tsne": table}
+
+
+def sew_fig5(runs: Mapping[str, Any], *, split: str = "test", **_: Any) -> FigureResult:
+    """Sew Fig. 5 (:func:`attention_figure`)."""
+    return attention_figure(runs, split)[0], {}
+
+
+def sew_decoder_figure(runs: Mapping[str, Any], *, split: str = "test", n_captions: int = 120,
+                       **_: Any) -> FigureResult:
+    """The MCM decoder's cross-attention on Fig. 5's examples (:func:`decoder_attention_figure`) and the
+    ``pointing_decoder`` table (the pointing game on decoder cross-attention); None without a decoder."""
+    from tbps_lib.analysis.attention import has_decoder_attention, pointing_summary
+
+    if not any(has_decoder_attention(r.model) for r in runs.values()):
+        return None, {}
+    fig = decoder_attention_figure(runs, attention_examples(runs, split))
+    decoder = pointing_tables(runs, split, n_captions=n_captions, source="decoder")
+    return fig, ({} if decoder.empty else {"pointing_decoder": pointing_summary(decoder, by="slot")})
+
+
+def pointing_game_figure(runs: Mapping[str, Any], *, split: str = "test", n_captions: int = 120,
+                         **_: Any) -> FigureResult:
+    """The pointing game of word heatmaps (:func:`pointing_figure`) with the ``pointing`` and
+    ``pointing_by_word`` tables; None on data without part masks (real datasets)."""
+    from tbps_lib.analysis.attention import pointing_summary
+
+    table = pointing_tables(runs, split, n_captions=n_captions)
+    if table.empty:
+        return None, {}
+    tables = {"pointing": pointing_summary(table, by="slot"), "pointing_by_word": pointing_summary(table, by="word")}
+    return pointing_figure(tables["pointing"]), tables
+
+
+# ------------------------------------------------------------------------------------------------------
 # Everything at once
 
 
@@ -272,41 +312,35 @@ class Regenerated:
 
 def regenerate(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", data: str | None = None,
                runs_dir: str | os.PathLike | None = None, split: str = "test", n_captions: int = 120,
-               progress: bool = False) -> Regenerated:
-    """Every figure of notebooks 09-11 for ``methods`` (runs trained if missing), saved under
-    :func:`figures_dir`, with their tables: ``gap`` (Fig. 4), ``tsne`` (Fig. 6), ``pointing`` and
-    ``pointing_by_word`` (the pointing game; synthetic data only) and ``pointing_decoder`` (the same game
-    on decoder cross-attention, for methods that have a decoder)."""
+               progress: bool = False, figures: Sequence[str] | None = None) -> Regenerated:
+    """The figures every registered method declares (``figures`` of ``register_method``; all of them, or
+    those named in ``figures``), drawn over the runs of ``methods`` (trained if missing) and saved under
+    :func:`figures_dir`, with their tables. A builder that does not apply to these runs (e.g. no decoder,
+    no part masks) returns None and is skipped. With Sew/MCM registered: ``gap`` (Fig. 4), ``tsne``
+    (Fig. 6), ``pointing`` and ``pointing_by_word`` (the pointing game; synthetic data only) and
+    ``pointing_decoder`` (the same game on decoder cross-attention, for methods that have a decoder)."""
     import matplotlib.pyplot as plt
 
-    from tbps_lib.analysis.attention import pointing_summary
+    from tbps_lib.models.registry import method_figures
 
+    builders = method_figures()
+    unknown = sorted(set(figures or ()) - set(builders))
+    if unknown:
+        raise ValueError(f"unknown figure(s) {unknown}; registered figures: {list(builders)}")
     runs = load_runs(methods, mode, data, runs_dir, progress)
     out = Regenerated()
-
-    def keep(name: str, fig: Figure | None) -> None:
+    for name, (_, build) in builders.items():
+        if figures is not None and name not in figures:
+            continue
+        fig, tables = build(runs, split=split, n_captions=n_captions)
+        out.tables.update(tables)
         if fig is not None:
             out.paths[name] = save_figure(fig, name)
             plt.close(fig)
-
-    fig, out.tables["gap"] = modality_gap_figure(runs, split)
-    keep(FIG4, fig)
-    fig, out.tables["tsne"] = tsne_figure(runs, split)
-    keep(FIG6, fig)
-    fig, examples = attention_figure(runs, split)
-    keep(FIG5, fig)
-    keep(DECODER, decoder_attention_figure(runs, examples))
-    table = pointing_tables(runs, split, n_captions=n_captions)
-    if not table.empty:
-        out.tables["pointing"] = pointing_summary(table, by="slot")
-        out.tables["pointing_by_word"] = pointing_summary(table, by="word")
-        keep(POINTING, pointing_figure(out.tables["pointing"]))
-    decoder = pointing_tables(runs, split, n_captions=n_captions, source="decoder")
-    if not decoder.empty:
-        out.tables["pointing_decoder"] = pointing_summary(decoder, by="slot")
     return out
 
 
 __all__ = ["DEFAULT_METHODS", "FIG4", "FIG5", "FIG6", "POINTING", "DECODER", "figures_dir", "save_figure",
            "load_runs", "modality_gap_figure", "tsne_figure", "attention_examples", "attention_figure",
-           "pointing_tables", "pointing_figure", "decoder_attention_figure", "Regenerated", "regenerate"]
+           "pointing_tables", "pointing_figure", "decoder_attention_figure", "FigureResult", "sew_fig4", "sew_fig6",
+           "sew_fig5", "sew_decoder_figure", "pointing_game_figure", "Regenerated", "regenerate"]

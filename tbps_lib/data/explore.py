@@ -20,12 +20,9 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from tbps_lib.data.formats import Record, TBPSDataset
-from tbps_lib.data.text import caption_words, extract_noun_phrases_batch
+from tbps_lib.data.text import (PAPER_LENGTH_BOUNDS, caption_lengths, caption_words,  # noqa: F401 (re-exported)
+                                extract_noun_phrases_batch, length_bounds)
 
-# T_min / T_max of the adaptive margin, Eq. (10) of the Sew paper, per real dataset (caption tokens).
-PAPER_LENGTH_BOUNDS: dict[str, tuple[int, int]] = {
-    "cuhk-pedes": (20, 60), "icfg-pedes": (25, 65), "rstpreid": (22, 60),
-}
 STOPWORDS = frozenset(
     "a an the and or of in on at to with is are was has have his her he she its it this that who which "
     "by for as from their there be also pair wearing carrying holding".split()
@@ -37,25 +34,6 @@ ATTRIBUTES = ("gender", "hair_length", "hair_color", "headwear", "eyewear", "upp
 def stats_table(ds: TBPSDataset) -> pd.DataFrame:
     """Per-split images, identities, captions and caption words (mean, std, min, median, max)."""
     return pd.DataFrame.from_dict(ds.stats(), orient="index").rename_axis("split")
-
-
-def caption_lengths(records: Iterable[Record]) -> np.ndarray:
-    """Word-token length of every caption (punctuation not counted), as the adaptive margin reads it."""
-    return np.array([len(caption_words(c, punctuation=False)) for r in records for c in r.captions], dtype=int)
-
-
-def length_bounds(ds: TBPSDataset, lo: float = 5.0, hi: float = 95.0) -> tuple[int, int, str]:
-    """(T_min, T_max, where they come from) for Eq. (10) of the Sew paper.
-
-    A real dataset uses the paper's values; any other (the synthetic benchmark) uses the ``lo``-th and
-    ``hi``-th percentiles of its training captions' token lengths, the same idea scaled to its captions.
-    """
-    if ds.name in PAPER_LENGTH_BOUNDS:
-        t_min, t_max = PAPER_LENGTH_BOUNDS[ds.name]
-        return t_min, t_max, f"Sew paper values for {ds.name}"
-    lengths = caption_lengths(ds.split("train"))
-    t_min, t_max = (int(round(v)) for v in np.percentile(lengths, [lo, hi]))
-    return t_min, t_max, f"{lo:g}th/{hi:g}th percentiles of training caption lengths"
 
 
 def plot_caption_lengths(ds: TBPSDataset, bounds: tuple[int, int, str] | None = None) -> Figure:

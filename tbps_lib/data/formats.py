@@ -17,6 +17,11 @@ name tried), an unknown split, missing or non-string captions, an empty caption,
 :class:`DatasetError` naming the file and the record; ``strict=False`` skips such records and counts
 them in ``dataset.report``.
 
+The synthetic benchmark (``tbps_lib.data.synthetic`` generates it) is read as CUHK-PEDES plus its sidecar
+``synthetic_meta.json`` (:func:`read_meta`, :func:`read_sidecar`), whose entries become ``Record.meta``.
+``tbps_lib.data.catalog.load_dataset`` is the entry point that also generates ``synthetic:<preset>`` sets;
+this module never imports the generator.
+
 Person ids stay as in the file (evaluation matches on them); :meth:`TBPSDataset.train_labels` gives the
 contiguous 0..N-1 classification labels of the training identities.
 """
@@ -242,12 +247,37 @@ def read_rstpreid(root: str | Path, strict: bool = True, check_images: bool = Tr
     return _build("rstpreid", Path(root), ("data_captions.json",), "img_path", SPLITS, strict, check_images)
 
 
+SIDECAR = "synthetic_meta.json"
+SIDECAR_VERSION = 1
+
+
+def read_meta(root: str | Path) -> dict[str, Any]:
+    """The whole sidecar of a synthetic dataset folder, validated."""
+    path = Path(root).expanduser() / SIDECAR
+    if not path.is_file():
+        raise DatasetError(f"{path}: synthetic sidecar not found (is {root} a synthetic dataset folder?)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("version") != SIDECAR_VERSION:
+        found = meta.get("version") if isinstance(meta, dict) else type(meta).__name__
+        raise DatasetError(f"{path}: expected sidecar version {SIDECAR_VERSION}, found {found!r}")
+    for key in ("images", "part_labels", "preset", "size"):
+        if key not in meta:
+            raise DatasetError(f"{path}: missing field {key!r}")
+    return meta
+
+
+def read_sidecar(root: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-image sidecar entries of a synthetic dataset folder, keyed by the annotation's ``file_path``."""
+    return read_meta(root)["images"]
+
+
 def read_synthetic(root: str | Path, strict: bool = True, check_images: bool = True) -> TBPSDataset:
     """A synthetic benchmark folder: the CUHK-PEDES layout plus a sidecar whose entries become ``meta``."""
-    from tbps_lib.data import synthetic  # local import: the generator pulls in Pillow drawing code
-
     ds = read_cuhk_pedes(root, strict=strict, check_images=check_images)
-    side = synthetic.read_sidecar(ds.root)
+    side = read_sidecar(ds.root)
     ds.records = [replace(r, meta=side.get(r.image)) for r in ds.records]
     ds.name = "synthetic"
     return ds
@@ -274,30 +304,6 @@ def detect_format(root: str | Path) -> str:
     raise DatasetError(
         f"cannot tell the dataset format of {root}: none of reid_raw.json, ICFG-PEDES.json, "
         "ICFG_PEDES.json, data_captions.json is there"
-    )
-
-
-def load_dataset(spec: str, root: str | Path | None = None, strict: bool = True,
-                 check_images: bool = True) -> TBPSDataset:
-    """Load a dataset by name or path.
-
-    ``spec`` is one of ``cuhk-pedes``, ``icfg-pedes``, ``rstpreid`` (with ``root``), ``synthetic`` (with
-    ``root``), ``synthetic:<preset>`` (generated into the cache on first use), or a folder path whose
-    format is detected from its annotation file.
-    """
-    if spec.startswith("synthetic:"):
-        from tbps_lib.data import synthetic
-
-        return read_synthetic(synthetic.ensure_synthetic(spec.split(":", 1)[1]), strict, check_images)
-    if spec in READERS:
-        if root is None:
-            raise DatasetError(f"dataset {spec!r} needs a root folder (e.g. --root /data/{spec})")
-        return READERS[spec](root, strict=strict, check_images=check_images)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return READERS[detect_format(path)](path, strict=strict, check_images=check_images)
-    raise DatasetError(
-        f"unknown dataset {spec!r}: use one of {sorted(READERS)}, 'synthetic:<preset>', or a folder path"
     )
 
 
@@ -345,6 +351,7 @@ def duplicate_ids_across_splits(ds: TBPSDataset) -> dict[int, list[str]]:
 
 __all__ = [
     "SPLITS", "DatasetError", "Record", "LoadReport", "TBPSDataset", "read_cuhk_pedes", "read_icfg_pedes",
-    "read_rstpreid", "read_synthetic", "READERS", "detect_format", "load_dataset", "hold_out_validation",
+    "read_rstpreid", "SIDECAR", "read_meta", "read_sidecar", "read_synthetic", "READERS", "detect_format",
+    "hold_out_validation",
     "caption_pairs", "split_counts", "duplicate_ids_across_splits",
 ]

@@ -35,7 +35,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tbps_lib.data.formats import DatasetError, Record, TBPSDataset, hold_out_validation, load_dataset
+from tbps_lib.data.catalog import load_dataset
+from tbps_lib.data.formats import DatasetError, Record, TBPSDataset, hold_out_validation
 from tbps_lib.data.text import (CaptionTokenizer, caption_words, choose_phrase_words,
                                 extract_noun_phrases_batch, mask_phrase_word)
 
@@ -246,7 +247,7 @@ def collate(items: Sequence[dict[str, Any]], tokenizer: CaptionTokenizer | None 
         captions = [it["caption"] for it in items]
         batch.update(tokenizer(captions))
         # Caption length in words (punctuation not counted): T_i of the Sew paper's adaptive margin,
-        # Eq. (10), in the unit of data.explore.length_bounds, and independent of the tokenizer.
+        # Eq. (10), in the unit of data.text.length_bounds, and independent of the tokenizer.
         batch["word_lengths"] = torch.tensor([len(caption_words(c, punctuation=False)) for c in captions],
                                              dtype=torch.long)
         batch["captions"] = captions

@@ -27,13 +27,12 @@ import numpy as np
 from PIL import Image
 
 from tbps_lib.data import synthetic_captions as captions
+from tbps_lib.data.formats import SIDECAR, SIDECAR_VERSION, read_meta, read_sidecar
 from tbps_lib.data.synthetic_attributes import SLOTS, sample_identities
 from tbps_lib.data.synthetic_render import MASK_PALETTE, PART_LABELS, render_image
 from tbps_lib.data.synthetic_scene import CameraSetup, make_cameras, stable_seed
 from tbps_lib.utils import progress as progress_bar
 
-SIDECAR = "synthetic_meta.json"
-SIDECAR_VERSION = 1
 GENERATOR_VERSION = 1  # bump when output changes, so cached sets are regenerated
 MIN_SLOTS = 3  # a caption mentions at least this many visible slots
 
@@ -338,31 +337,6 @@ def ensure_synthetic(preset: str, seed: int = 0, ids: int | None = None, size: t
     return final
 
 
-def read_meta(root: str | Path) -> dict[str, Any]:
-    """The whole sidecar of a synthetic dataset folder, validated."""
-    from tbps_lib.data.formats import DatasetError
-
-    path = Path(root).expanduser() / SIDECAR
-    if not path.is_file():
-        raise DatasetError(f"{path}: synthetic sidecar not found (is {root} a synthetic dataset folder?)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("version") != SIDECAR_VERSION:
-        found = meta.get("version") if isinstance(meta, dict) else type(meta).__name__
-        raise DatasetError(f"{path}: expected sidecar version {SIDECAR_VERSION}, found {found!r}")
-    for key in ("images", "part_labels", "preset", "size"):
-        if key not in meta:
-            raise DatasetError(f"{path}: missing field {key!r}")
-    return meta
-
-
-def read_sidecar(root: str | Path) -> dict[str, dict[str, Any]]:
-    """Per-image sidecar entries of a synthetic dataset folder, keyed by the annotation's ``file_path``."""
-    return read_meta(root)["images"]
-
-
 def load_mask(root: str | Path, entry: dict[str, Any]) -> np.ndarray:
     """The part-label mask (H x W, values of ``PART_LABELS``) of one sidecar entry."""
     path = Path(root).expanduser() / entry["mask"]
@@ -372,5 +346,5 @@ def load_mask(root: str | Path, entry: dict[str, Any]) -> np.ndarray:
         return np.asarray(img).copy()
 
 
-__all__ = ["PRESETS", "Preset", "PART_LABELS", "SLOTS", "generate", "ensure_synthetic", "read_sidecar",
+__all__ = ["PRESETS", "Preset", "PART_LABELS", "SLOTS", "SIDECAR", "generate", "ensure_synthetic", "read_sidecar",
            "read_meta", "load_mask", "cache_name", "cache_root", "split_sizes", "get_preset"]

@@ -53,16 +53,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from tbps_lib.utils import atomic_write_text
+if TYPE_CHECKING:  # pragma: no cover
+    from tbps_lib.data.formats import Record, TBPSDataset
 
-IGNORE_INDEX = -100
-"""Label of positions that are not masked (ignored by `torch.nn.functional.cross_entropy`)."""
+from tbps_lib.utils import IGNORE_INDEX, atomic_write_text  # noqa: F401 (IGNORE_INDEX: labels of unmasked positions)
 
 BERT_SPECIAL_TOKENS: dict[str, str] = {
     "pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]",
@@ -767,3 +767,31 @@ def _suffix_tag(word: str) -> str:
     if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
         return "NNS"
     return "NN"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caption lengths (Eq. (10) of the Sew paper reads them; data/explore.py plots them)
+
+# T_min / T_max of the adaptive margin, Eq. (10) of the Sew paper, per real dataset (caption tokens).
+PAPER_LENGTH_BOUNDS: dict[str, tuple[int, int]] = {
+    "cuhk-pedes": (20, 60), "icfg-pedes": (25, 65), "rstpreid": (22, 60),
+}
+
+
+def caption_lengths(records: "Iterable[Record]") -> np.ndarray:
+    """Word-token length of every caption (punctuation not counted), as the adaptive margin reads it."""
+    return np.array([len(caption_words(c, punctuation=False)) for r in records for c in r.captions], dtype=int)
+
+
+def length_bounds(ds: "TBPSDataset", lo: float = 5.0, hi: float = 95.0) -> tuple[int, int, str]:
+    """(T_min, T_max, where they come from) for Eq. (10) of the Sew paper.
+
+    A real dataset uses the paper's values; any other (the synthetic benchmark) uses the ``lo``-th and
+    ``hi``-th percentiles of its training captions' token lengths, the same idea scaled to its captions.
+    """
+    if ds.name in PAPER_LENGTH_BOUNDS:
+        t_min, t_max = PAPER_LENGTH_BOUNDS[ds.name]
+        return t_min, t_max, f"Sew paper values for {ds.name}"
+    lengths = caption_lengths(ds.split("train"))
+    t_min, t_max = (int(round(v)) for v in np.percentile(lengths, [lo, hi]))
+    return t_min, t_max, f"{lo:g}th/{hi:g}th percentiles of training caption lengths"

@@ -17,6 +17,13 @@ numbers; ``"k_reciprocal_paper"`` is the paper text's form without those normali
 2 - 2s), so text-image scores outside [-1, 1] (methods that add several cosines) are divided by their
 largest magnitude first; ranking by the unscaled scores is unchanged by this. A re-ranked metrics dict
 names the re-ranking it used under ``"rerank"`` (:data:`RERANK_FORMS` describes each name).
+
+Two-stage inference (``rerank="rescore"``, methods that implement ``RetrievalModel.rescore``, e.g. an ITM
+head as in ALBEF / LAIP appendix D): rank by the first-stage ``similarity``, hand the ``eval.rescore_k``
+best gallery indices of each query to ``model.rescore`` (:func:`rescore_topk`, at most
+``eval.rescore_pairs`` text-image pairs per call, so the pairwise head's working set is bounded), and
+compute the metrics on the re-scored ranking: the re-scored candidates come first in their new order,
+the rest of the gallery follows in its first-stage order (:func:`rescored_ranking`).
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from tbps_lib.data.loaders import build_eval_loaders
 from tbps_lib.data.text import CaptionTokenizer
 from tbps_lib.engine import rerank as rerank_lib
 from tbps_lib.engine.metrics import rank_metrics
+from tbps_lib.engine.rerank import stable_topk
+from tbps_lib.models.base import RescoreNotSupported
 from tbps_lib.utils import progress as progress_bar
 
 RERANKERS = ("visual_neighbors", "k_reciprocal", "k_reciprocal_paper")
@@ -42,8 +51,11 @@ RERANK_FORMS = {
     "visual_neighbors": "NAFS-style overlap of textual and visual neighbourhoods",
     "k_reciprocal": "k-reciprocal, released code (distance columns / max, V rows / sum)",
     "k_reciprocal_paper": "k-reciprocal, paper text (no normalisations)",
+    "rescore": "the method's second stage (e.g. an ITM head) re-scores the top eval.rescore_k",
 }
 _K_RECIPROCAL_FORM = {"k_reciprocal": "released", "k_reciprocal_paper": "paper"}
+#: The ``rerank`` name of two-stage inference (the method's own ``rescore`` of the top-k).
+RESCORE = "rescore"
 
 
 @dataclass
@@ -180,9 +192,13 @@ def similarity(model: torch.nn.Module, encoded: Encoded, chunk_size: int | None 
     return sim
 
 
-def _cfg_chunk(model: torch.nn.Module) -> int:
+def _cfg_eval(model: torch.nn.Module, name: str, default: int) -> int:
     cfg = getattr(model, "cfg", None)
-    return int(getattr(getattr(cfg, "eval", None), "chunk_size", 1024))
+    return int(getattr(getattr(cfg, "eval", None), name, default))
+
+
+def _cfg_chunk(model: torch.nn.Module) -> int:
+    return _cfg_eval(model, "chunk_size", 1024)
 
 
 def _global(feats: Mapping[str, Tensor], what: str, device: torch.device) -> Tensor:
@@ -215,17 +231,99 @@ def rerank_similarity(model: torch.nn.Module, encoded: Encoded, sim: Tensor, met
                                    form=_K_RECIPROCAL_FORM[method])
 
 
+def check_can_rescore(model: torch.nn.Module) -> None:
+    """Raise :class:`~tbps_lib.models.base.RescoreNotSupported` when ``model`` has no ``rescore``."""
+    if not getattr(model, "can_rescore", False):
+        raise RescoreNotSupported(type(model).__name__)
+
+
+@torch.no_grad()
+def rescore_topk(model: torch.nn.Module, image_feats: Mapping[str, Tensor], text_feats: Mapping[str, Tensor],
+                 sim: Tensor, k: int | None = None, max_pairs: int | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` best gallery indices of each text by ``sim`` (first stage; ties to the lower index) and
+    their second-stage scores from ``model.rescore``: (candidates LongTensor [n_texts, k], scores
+    FloatTensor [n_texts, k]), both on ``sim``'s device, candidates in first-stage order.
+
+    ``image_feats`` / ``text_feats`` are on the model's device; ``text_feats`` lines up with the rows of
+    ``sim``. Texts are re-scored in chunks of ``max(1, max_pairs // k)`` rows, so one call to
+    ``model.rescore`` sees at most ``max_pairs`` pairs (or ``k`` when ``k > max_pairs``). Defaults:
+    ``model.cfg.eval.rescore_k`` and ``model.cfg.eval.rescore_pairs``; k is capped at the gallery size.
+    """
+    check_can_rescore(model)
+    k = _cfg_eval(model, "rescore_k", 16) if k is None else int(k)
+    max_pairs = _cfg_eval(model, "rescore_pairs", 512) if max_pairs is None else int(max_pairs)
+    if k < 1:
+        raise ValueError(f"eval.rescore_k must be a positive integer, got {k}")
+    if max_pairs < 1:
+        raise ValueError(f"eval.rescore_pairs must be a positive integer, got {max_pairs}")
+    n_texts, n_gallery = sim.shape
+    k = min(k, n_gallery)
+    rows = max(1, max_pairs // k)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    # the first-stage top-k of many rows at once (few large ops), then the head on small chunks of them
+    cands = torch.cat([stable_topk(sim[s:s + 1024], k) for s in range(0, n_texts, 1024)])
+    scores = torch.empty(cands.shape, dtype=torch.float32, device=sim.device)
+    try:
+        for start in range(0, n_texts, rows):
+            cand = cands[start:start + rows]
+            chunk = {name: v[start:start + rows] for name, v in text_feats.items()}
+            with autocast_context(device):
+                out = model.rescore(dict(image_feats), chunk, cand.to(device))
+            if not isinstance(out, Tensor) or tuple(out.shape) != tuple(cand.shape):
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"{type(model).__name__}.rescore returned {got}, expected a tensor of shape "
+                                 f"[n_texts, k] = {list(cand.shape)}")
+            scores[start:start + rows] = out.float()
+    finally:
+        model.train(was_training)
+    return cands, scores
+
+
+def rescored_ranking(sim: Tensor, candidates: Tensor, scores: Tensor) -> Tensor:
+    """Ranking scores [n_texts, n_gallery] (float32) in which each row's ``candidates`` come first, ordered
+    by their second-stage ``scores`` (ties: first-stage order), and the other gallery entries follow in
+    their first-stage order. Only the order is meaningful: candidate entries hold ``top + step * (k - p)``
+    for new position ``p``, with ``top`` the row's largest first-stage score and ``step = 1 + |top|``, so
+    they are distinct and above every other entry (what ``rank_metrics`` needs).
+    """
+    out = sim.float().clone()
+    k = candidates.shape[1]
+    new_order = scores.sort(dim=1, descending=True, stable=True).indices  # stable: first-stage order on ties
+    top = out.max(dim=1, keepdim=True).values
+    step = 1.0 + top.abs()
+    place = top + step * torch.arange(k, 0, -1, device=out.device, dtype=out.dtype)[None, :]
+    out.scatter_(1, candidates.gather(1, new_order), place)
+    return out
+
+
+def rescore_similarity(model: torch.nn.Module, encoded: Encoded, sim: Tensor, k: int | None = None,
+                       max_pairs: int | None = None) -> Tensor:
+    """:func:`rescored_ranking` of ``sim`` after :func:`rescore_topk` over the whole of ``encoded``."""
+    device = next(model.parameters()).device
+    cand, scores = rescore_topk(model, _feats_on(encoded.image_feats, device),
+                                _feats_on(encoded.text_feats, device), sim, k, max_pairs)
+    return rescored_ranking(sim, cand, scores)
+
+
 def evaluate(model: torch.nn.Module, encoded: Encoded, rerank: str | None = None,
              rerank_params: Mapping[str, Any] | None = None, chunk_size: int | None = None,
              ks: Iterable[int] = (1, 5, 10)) -> dict[str, Any]:
     """R1/R5/R10/mAP/mINP (percent) of text-to-image retrieval on ``encoded``.
 
-    ``rerank``: None or one of :data:`RERANKERS` (see the module docstring); a re-ranked result also
-    holds ``"rerank"``: the name, so the form of k-reciprocal re-ranking travels with the numbers.
-    ``chunk_size``: text rows per similarity chunk (default ``model.cfg.eval.chunk_size``).
+    ``rerank``: None, one of :data:`RERANKERS` or ``"rescore"`` (see the module docstring; for
+    ``"rescore"``, ``rerank_params`` may hold ``k`` and ``max_pairs``, defaults ``eval.rescore_k`` /
+    ``eval.rescore_pairs``); a re-ranked result also holds ``"rerank"``: the name, so the form of the
+    re-ranking travels with the numbers. ``chunk_size``: text rows per similarity chunk (default
+    ``model.cfg.eval.chunk_size``).
     """
+    if rerank == RESCORE:
+        check_can_rescore(model)  # before the first stage, so the error comes at once
     sim = similarity(model, encoded, chunk_size)
-    if rerank is not None:
+    if rerank == RESCORE:
+        sim = rescore_similarity(model, encoded, sim, **dict(rerank_params or {}))
+    elif rerank is not None:
         sim = rerank_similarity(model, encoded, sim, rerank, rerank_params, chunk_size)
     metrics: dict[str, Any] = rank_metrics(sim, encoded.query_pids, encoded.gallery_pids, ks=tuple(ks))
     if rerank is not None:
@@ -233,6 +331,6 @@ def evaluate(model: torch.nn.Module, encoded: Encoded, rerank: str | None = None
     return metrics
 
 
-__all__ = ["RERANKERS", "RERANK_FORMS", "Encoded", "GROUND_TRUTH_KEYS", "model_inputs",
-           "autocast_context", "to_device", "encode_loaders", "encode", "similarity",
-           "rerank_similarity", "evaluate"]
+__all__ = ["RERANKERS", "RERANK_FORMS", "RESCORE", "Encoded", "GROUND_TRUTH_KEYS", "model_inputs",
+           "autocast_context", "to_device", "encode_loaders", "encode", "similarity", "rerank_similarity",
+           "check_can_rescore", "rescore_topk", "rescored_ranking", "rescore_similarity", "evaluate"]

@@ -35,6 +35,10 @@ import torch
 ScoreMatrix = Union[torch.Tensor, np.ndarray]
 PidArray = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
+#: The metrics ``rank_metrics`` returns with the default cut-offs, in the order tables show them: the one
+#: tuple of metric names (run listings, the CLI, checkpoint selection and the reported tables use it).
+METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
+
 #: A chunk whose largest number of hits per query exceeds this is ranked by a stable argsort
 #: (cost ~ log n per element) rather than by counting (cost ~ 2 passes per hit).
 SORT_ABOVE_HITS = 48

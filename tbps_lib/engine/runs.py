@@ -55,6 +55,7 @@ from tbps_lib.engine import trainer
 from tbps_lib.engine.distributed import barrier, world_info
 from tbps_lib.engine.evaluate import Encoded, encode, evaluate
 from tbps_lib.models.base import RetrievalModel
+from tbps_lib.engine.metrics import METRIC_NAMES
 from tbps_lib.models.registry import build_model
 from tbps_lib.utils import atomic_torch_save, atomic_write_json, read_jsonl, seed_everything, select_device
 
@@ -372,7 +373,8 @@ class Run:
                  rerank_params: Mapping[str, Any] | None = None, dataset: str | None = None,
                  root: str | None = None) -> dict[str, Any]:
         """R1/R5/R10/mAP/mINP of ``split`` with the selected model, optionally re-ranked (the result then
-        names the re-ranking under ``"rerank"``); ``dataset`` / ``root`` evaluate on another dataset's split
+        names the re-ranking under ``"rerank"``; ``"rescore"`` is two-stage inference, see
+        ``engine.evaluate.evaluate``); ``dataset`` / ``root`` evaluate on another dataset's split
         (see :meth:`embeddings`)."""
         return evaluate(self.model, self.embeddings(split, dataset=dataset, root=root), rerank=rerank,
                         rerank_params=rerank_params)
@@ -567,8 +569,8 @@ def list_runs(runs_dir: str | Path | None = None, only_stale: bool = False) -> p
     unknown code (:attr:`Run.stale`); None for unfinished runs. ``only_stale`` keeps the stale runs only.
     """
     root = runs_root(runs_dir)
-    columns = ["method", "hash", "preset", "dataset", "status", "stale", "epochs", "val_select", "R1", "R5",
-               "R10", "mAP", "mINP", "wall_time_s", "dir"]
+    columns = ["method", "hash", "preset", "dataset", "status", "stale", "epochs", "val_select", *METRIC_NAMES,
+               "wall_time_s", "dir"]
     current = sources_hash()
     rows = []
     for path in sorted(root.glob(f"*/{CONFIG_FILE}")) if root.is_dir() else []:
@@ -583,7 +585,7 @@ def list_runs(runs_dir: str | Path | None = None, only_stale: bool = False) -> p
             row.update(status="done", stale=stale_reason(m, current) is not None, epochs=m.get("epochs"),
                        val_select=m["val"].get(select),
                        wall_time_s=m.get("wall_time_s"),
-                       **{k: m["test"].get(k) for k in ("R1", "R5", "R10", "mAP", "mINP")})
+                       **{k: m["test"].get(k) for k in METRIC_NAMES})
         else:
             row["status"] = "partial" if (path.parent / trainer.LAST).is_file() else "empty"
         rows.append(row)

@@ -56,6 +56,7 @@ from tbps_lib.data.text import CaptionTokenizer
 from tbps_lib.engine.distributed import barrier, init_distributed, world_info
 from tbps_lib.engine.evaluate import autocast_context, encode_loaders, evaluate, to_device
 from tbps_lib.models.base import TrainingContext
+from tbps_lib.engine.metrics import METRIC_NAMES
 from tbps_lib.utils import atomic_torch_save, atomic_write_jsonl, progress as progress_bar
 from tbps_lib.utils import seed_everything, select_device
 
@@ -451,9 +452,8 @@ class _Fit:
         self.state = TrainState()
         self.ddp: nn.Module = self.model
         self._clock = time.perf_counter()
-        metrics = ("R1", "R5", "R10", "mAP", "mINP")
-        if cfg.eval.select_metric not in metrics:
-            raise ValueError(f"eval.select_metric must be one of {list(metrics)}, got {cfg.eval.select_metric!r}")
+        if cfg.eval.select_metric not in METRIC_NAMES:
+            raise ValueError(f"eval.select_metric must be one of {list(METRIC_NAMES)}, got {cfg.eval.select_metric!r}")
 
     # -- messages, checkpoints ----------------------------------------------------------------------
     def tick(self) -> None:

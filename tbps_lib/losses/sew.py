@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tbps_lib.data.text import IGNORE_INDEX
+from tbps_lib.utils import IGNORE_INDEX
 from tbps_lib.losses.cmpm import _check_batch, cross_projections, full_precision
 
 

@@ -11,36 +11,7 @@ Required of the model:
 
 Optional hooks, each with its default (nothing to write when the default fits):
 
-==========================================  ==========================================================
-hook                                        default
-==========================================  ==========================================================
-``pair_scores(image_feats, text_feats)``    cosine of the ``"global"`` embeddings; ``similarity`` calls
-                                            it chunk by chunk of texts
-``backbone_parameters()``                   parameters of ``image_encoder`` / ``text_encoder`` (they get
-                                            ``optim.backbone_lr_factor``)
-``pretrained_sources()``                    ``pretrained_source`` of ``image_encoder`` / ``text_encoder``
-                                            (else the config's ``image.pretrained`` / ``text.pretrained``)
-``set_training_context(ctx)``               stores ``ctx`` (a :class:`TrainingContext`) as
-                                            ``self.training_context``; the trainer calls it before each
-                                            training forward
-``after_optimizer_step(ctx)``               nothing; the trainer calls it after each optimiser step
-                                            (momentum encoders, queues)
-``decoder_attention(images, batch)``        absent (``None``): the attention figures skip the model
-==========================================  ==========================================================
-
-Attributes the library reads: ``image_encoder`` (optional; an ``encoders.ImageEncoder`` returning
-``ImageFeatures`` with a token grid, which the attention maps hook) and ``text_encoder`` (optional).
-Buffers (``register_buffer``: queues, momentum copies) are part of the state dict, so checkpoints and
-exact resume keep them.
-
-Config hooks (:class:`MethodConfig`, each with a default): ``num_classes`` (filled with the number of
-training identities), ``resolve_from_data(ds)`` (fills data-derived fields), ``batch_fields(training)``
-(extra batch fields the loaders build, see ``data/loaders.py`` ``BATCH_FIELDS``; ``model.batch_fields``
-reads it for code that holds only the model, such as caption search).
-
-Training-only modules (decoders, classifiers, momentum copies) are never used by ``encode_*`` or
-``similarity``.
-
+==========================================  ===================================================
 A batch is a dict made by ``tbps_lib.data.loaders.collate``:
 ``images`` float [B, 3, H, W]; ``input_ids``, ``attention_mask`` long [B, L]; ``token_lengths`` long [B]
 (non-special tokens per caption); ``word_lengths`` long [B] (words per caption, punctuation not counted);
@@ -105,6 +76,14 @@ class MethodConfig:
         "phrase_length": 8}}``). ``training=False`` asks for what ``encode_texts`` needs in evaluation.
         Default: none."""
         return {}
+class RescoreNotSupported(NotImplementedError):
+    """The model has no second-stage scorer (``rescore``), but re-scoring was asked for."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__(
+            f"{model_name} has no second-stage scorer: rerank='rescore' needs a method that implements "
+            f"RetrievalModel.rescore (e.g. an ITM head); use rerank=None, 'visual_neighbors' or "
+            f"'k_reciprocal' instead")
 
 
 class RetrievalModel(nn.Module):
@@ -194,5 +173,26 @@ class RetrievalModel(nn.Module):
                 out[key] = getattr(getattr(self.cfg, section, None), "pretrained", None)
         return out
 
+    # ---- Two-stage inference (re-scoring the top-k) ---------------------------------------------------
+    # Evaluation (``rerank="rescore"``), ``Run.evaluate``, the tables' eval-only rows and ``CaptionSearch``
+    # rank the gallery by ``similarity`` first, then hand the ``eval.rescore_k`` best gallery indices of
+    # each text to ``rescore`` (``eval.rescore_pairs`` text-image pairs per call at most, so a pairwise head
+    # keeps a bounded working set); the re-scored candidates are placed ahead of the rest in their new order.
 
-__all__ = ["TrainingContext", "MethodConfig", "RetrievalModel"]
+    @property
+    def can_rescore(self) -> bool:
+        """Whether this model re-scores candidates (its class overrides :meth:`rescore`)."""
+        return type(self).rescore is not RetrievalModel.rescore
+
+    def rescore(self, image_feats: dict[str, Tensor], text_feats: dict[str, Tensor],
+                candidates: Tensor) -> Tensor:
+        """Second-stage scores of ``candidates`` (LongTensor [n_texts, k] of gallery indices into
+        ``image_feats``) for each text of ``text_feats`` (a chunk of n_texts texts): FloatTensor
+        [n_texts, k], higher = better match. Called without gradients, in eval mode, on the model's device.
+
+        Default: not supported (raises :class:`RescoreNotSupported`).
+        """
+        raise RescoreNotSupported(type(self).__name__)
+
+
+__all__ = ["TrainingContext", "MethodConfig", "RetrievalModel", "RescoreNotSupported"]

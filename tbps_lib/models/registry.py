@@ -5,22 +5,26 @@ dataclass (a ``models.base.MethodConfig``) and its presets
 (functions of the dataset spec that return dotted config changes, e.g. ``{"optim.lr": 1e-3}``).
 Method modules are imported lazily, the first time the registry is asked, so ``import tbps_lib`` stays
 light and a method whose optional pieces are missing does not break the others.
+
+The registry imports nothing of the library at module level (``tbps_lib.config`` imports it, not the other
+way round), and a method's figures are named by ``"module:function"`` strings that are imported only when
+the figures are drawn, so registering a method never pulls in matplotlib.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
-
-if TYPE_CHECKING:  # pragma: no cover
-    from tbps_lib.config import Config
-    from tbps_lib.models.base import RetrievalModel
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 # Modules under tbps_lib/models/ that define methods, in the order the workbook introduces them.
 METHOD_MODULES = ("baseline", "sew_mcm", "part_level", "acsa", "laip", "dssl")
 
 PresetFn = Callable[[str], Mapping[str, Any]]
 PaperRowFn = Callable[[Mapping[str, str], str], Mapping[str, Any]]
+#: A figure builder: ``fn(runs, *, split, n_captions) -> (Figure | None, {table name: DataFrame})`` where
+#: ``runs`` is ``{method: Run}``; None when the figure does not apply to these runs. Given to the registry
+#: as the function or as a ``"package.module:function"`` string (imported when the figure is drawn).
+FigureFn = Callable[..., Any]
 
 
 class NotReproducible(ValueError):
@@ -36,6 +40,12 @@ class MethodSpec:
     (parsed into a dict, e.g. ``{"sew_margin": "adaptive", "mcm": "1"}``) and the preset name, and returns
     the dotted config changes that make that row (given to ``make_config``); it raises
     :class:`NotReproducible` for a row that cannot be run in that preset.
+
+    ``figures`` maps the file name of each figure the method's paper (or its notebook) draws to its builder
+    (:data:`FigureFn`, or a ``"module:function"`` string); ``tbps figures`` /
+    ``tbps_lib.analysis.figures.regenerate`` draw the figures of every registered method over the runs asked
+    for, so a figure comparing methods (e.g. Sew's modality gap of the baseline against Sew/MCM) is drawn
+    once for all of them. Figure names are unique across methods.
     """
 
     name: str
@@ -43,15 +53,17 @@ class MethodSpec:
     config_cls: type
     presets: Mapping[str, PresetFn]
     paper_rows: PaperRowFn | None = None
+    figures: Mapping[str, FigureFn | str] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn],
-                    paper_rows: PaperRowFn | None = None) -> Callable[[type], type]:
+                    paper_rows: PaperRowFn | None = None,
+                    figures: Mapping[str, FigureFn | str] | None = None) -> Callable[[type], type]:
     """Class decorator: register ``model_cls`` as method ``name`` with its config class, presets and
-    (optionally) the mapping of its paper's table rows to configs (see :class:`MethodSpec`)."""
+    (optionally) the mapping of its paper's table rows to configs and its figures (see :class:`MethodSpec`)."""
     from tbps_lib.models.base import MethodConfig, RetrievalModel
 
     if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
@@ -64,7 +76,7 @@ def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn]
                             f"tbps_lib.models.base.RetrievalModel")
         if name in _REGISTRY and _REGISTRY[name].model_cls is not model_cls:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets), paper_rows)
+        _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets), paper_rows, dict(figures or {}))
         return model_cls
     return deco
 
@@ -94,8 +106,23 @@ def method_spec(name: str) -> MethodSpec:
     return _REGISTRY[name]
 
 
-def build_model(cfg: "Config") -> "RetrievalModel":
-    """Build the model of ``cfg.method`` from its config."""
+def method_figures() -> dict[str, tuple[str, FigureFn]]:
+    """Every registered method's figures in the workbook's order: ``{figure name: (method, builder)}``, with
+    ``"module:function"`` builders imported. A name declared by two methods is an error naming both."""
+    out: dict[str, tuple[str, FigureFn]] = {}
+    for method in list_methods():
+        for fig_name, fn in _REGISTRY[method].figures.items():
+            if fig_name in out:
+                raise ValueError(f"figure {fig_name!r} is declared by both {out[fig_name][0]!r} and {method!r}")
+            if isinstance(fn, str):
+                module, _, attr = fn.partition(":")
+                fn = getattr(importlib.import_module(module), attr)
+            out[fig_name] = (method, fn)
+    return out
+
+
+def build_model(cfg: Any) -> Any:
+    """Build the model of ``cfg.method`` (a ``tbps_lib.config.Config``): a ``RetrievalModel``."""
     spec = method_spec(cfg.method)
     if not isinstance(cfg.model, spec.config_cls):
         raise TypeError(f"cfg.model is a {type(cfg.model).__name__}, method {cfg.method!r} expects "

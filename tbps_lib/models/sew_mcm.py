@@ -44,7 +44,7 @@ Choices the paper leaves open (all config fields, documented here):
 * T_i in Eq. (10) is the caption's length in words (punctuation not counted, ``batch["word_lengths"]``).
   T_min/T_max are the paper's values for CUHK-PEDES (20-60), ICFG-PEDES (25-65) and RSTPReid (22-60); for
   other data (``t_min = t_max = 0`` in the config) the run fills them with the 5th and 95th percentiles of
-  the training captions' lengths (``tbps_lib.data.explore.length_bounds``) and records the values and their
+  the training captions' lengths (``tbps_lib.data.text.length_bounds``) and records the values and their
   source in its config (``model.t_min``, ``model.t_max``, ``model.t_source``). Lengths outside [T_min, T_max]
   get the end margins (``adaptive_margin`` clamps).
 * The smoke preset uses the shared smoke encoders (CNN + bi-GRU) with max pooling over tokens, as the
@@ -61,8 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from tbps_lib.config import SMOKE_DEFAULTS, Config
-from tbps_lib.data.explore import PAPER_LENGTH_BOUNDS, length_bounds
-from tbps_lib.data.text import IGNORE_INDEX, select_random_tokens
+from tbps_lib.data.text import IGNORE_INDEX, PAPER_LENGTH_BOUNDS, length_bounds, select_random_tokens
 from tbps_lib.losses import (adaptive_margin, cmpc_loss, cmpm_loss, id_loss, masked_caption_loss, sew_id_loss,
                              sew_matching_loss)
 from tbps_lib.models import baseline
@@ -190,8 +189,17 @@ def paper_rows(flags: Mapping[str, str], preset: str) -> dict[str, Any]:
     return changes
 
 
+# The Sew paper's analysis figures (notebooks 09-11), drawn over every run asked for (the baseline beside
+# Sew/MCM); builders live in tbps_lib.analysis.figures and are imported only when drawn.
+FIG4, FIG5, FIG6 = "sew_fig4_singular_values", "sew_fig5_attention", "sew_fig6_tsne"
+POINTING, DECODER = "pointing_game", "sew_mcm_decoder_cross_attention"
+FIGURES = {name: f"tbps_lib.analysis.figures:{fn}" for name, fn in (
+    (FIG4, "sew_fig4"), (FIG6, "sew_fig6"), (FIG5, "sew_fig5"), (POINTING, "pointing_game_figure"),
+    (DECODER, "sew_decoder_figure"))}
+
+
 @register_method("sew_mcm", SewMCMConfig, presets={"smoke": smoke_preset, "paper": paper_preset},
-                 paper_rows=paper_rows)
+                 paper_rows=paper_rows, figures=FIGURES)
 class SewMCM(DualEncoder):
     """The shared dual encoder (the baseline's) + Sew calibration losses + the MCM decoder (training only)."""
 

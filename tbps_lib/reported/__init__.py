@@ -60,6 +60,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from tbps_lib.engine.metrics import METRIC_NAMES
+
 PAPERS: dict[str, dict[str, str]] = {
     "sew_mcm": {"title": "Calibrating Cross-modal Features for Text-Based Person Searching",
                 "source": "Wei et al., arXiv 2023", "file": "000_023d850703213881.txt", "csv": "sew_mcm.csv"},
@@ -77,7 +79,7 @@ PAPERS: dict[str, dict[str, str]] = {
 COLUMNS = ("paper", "table", "order", "row", "variant", "backbone", "dataset", "metric", "value", "page",
            "config", "note")
 REQUIRED = ("paper", "table", "order", "row", "dataset", "metric", "value")
-PERCENT_METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+PERCENT_METRICS = METRIC_NAMES  # R1/R5/R10/mAP/mINP, the names evaluation returns
 METRICS = PERCENT_METRICS + ("Rsum",)
 DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
 VARIANTS = ("", "+R", "+C", "+R+C")
