@@ -359,3 +359,18 @@ def test_find_run_returns_the_finished_run_and_never_trains(data, registry_dir):
     before = sorted(p.name for p in root.iterdir())
     assert find_run(make_config(FAKE, "smoke", str(data[C]), {"model.dim": 4}), root) is None
     assert sorted(p.name for p in root.iterdir()) == before  # no folder was created for the missing run
+
+
+def test_step_delta_figure_draws_each_counted_pair_once():
+    from tbps_lib.analysis.figures import step_delta_figure
+
+    line = {"paper": "p", "table": "1", "from": "a", "to": "b", "to_order": 2, "what": "x", "dataset": C,
+            "metric": "R1", "paper Δ": 1.0, "ours Δ": 2.0, "noise": 0.5, "n": 3, "result": "agree",
+            "pair": "k1"}
+    steps = mark_repeats(pd.DataFrame([line, {**line, "table": "2"}, {**line, "pair": "k2", "result": "within noise"},
+                                       {**line, "pair": "", "result": "not measured"}]))
+    fig = step_delta_figure(steps, "p")
+    ax = fig.axes[0]
+    assert len(ax.get_yticks()) == 2 and ax.get_title() == "p: 1 agree, 0 disagree, 1 within noise"
+    empty = step_delta_figure(steps, "q")
+    assert "no step measured" in empty.axes[0].texts[0].get_text()

@@ -83,6 +83,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import pandas as pd
 
+from tbps_lib.config import DEFAULT_SEEDS
 from tbps_lib.reported import (DATASETS, METRICS, PAPERS, MissingTableError, available_tables, load_reported,
                                parse_config, table_info)
 
@@ -104,8 +105,6 @@ RERANK = "visual_neighbors"
 """The re-ranking of "+R" rows: NAFS-style visual neighbours, as the papers describe it."""
 RERANK_VARIANTS = (None, "visual_neighbors", "k_reciprocal", "k_reciprocal_paper", "rescore")
 """Evaluation-only row variants (:attr:`RowPlan.rerank`), passed as ``rerank=`` to ``Run.evaluate``."""
-DEFAULT_SEEDS = 3
-"""Seeds 0..n-1 each table row is trained with (:class:`RunLookup` ``seeds``)."""
 NOISE_SE = 2.0
 """The noise band of a step: this many standard errors of the paired (same-seed) difference."""
 SIGN_METRIC = "R1"
@@ -352,7 +351,7 @@ class RunLookup:
     ``sources`` overrides the workbook dataset spec of a paper dataset (e.g. ``{"CUHK-PEDES": "/data/x"}``).
     ``seeds``: each row is looked up for seeds 0..seeds-1 (config field ``seed``); ``changes``: dotted
     config changes applied to every row before its own (e.g. a notebook budget's fewer epochs,
-    :attr:`tbps_lib.config.NotebookParams.train_changes`). A dataset file is read once per (spec, root);
+    :attr:`tbps_lib.config.NotebookParams.changes`). A dataset file is read once per (spec, root);
     only the seed-dependent validation hold-out is redone per seed, so more seeds stay cheap to look up.
     """
 
