@@ -465,9 +465,9 @@ def table_configs(paper: str, table: str | int, preset: str = "smoke", lookup: R
                   ) -> pd.DataFrame:
     """The runs a paper table needs: one line per runnable (row, paper dataset, seed) with ``order``, ``row``,
     ``dataset`` (the paper's), ``seed`` (0..lookup.seeds-1), ``method``, ``config`` (the
-    :class:`~tbps_lib.config.Config` to train) and ``hash`` (its config hash; rows sharing a run share it). Rows that are not implemented or not
-    reproducible in this preset are left out. This plans only; training is the caller's
-    (``train_or_load(config)`` per distinct hash), so analysis never trains."""
+    :class:`~tbps_lib.config.Config` to train) and ``hash`` (its config hash; rows sharing a run share it).
+    Rows that are not implemented or not reproducible in this preset are left out. This plans only;
+    training is the caller's (``train_or_load(config)`` per distinct hash), so analysis never trains."""
     from tbps_lib.config import config_hash
     from tbps_lib.models.registry import NotReproducible
 
@@ -569,7 +569,8 @@ def reproduction_table(paper: str, table: str | int, dataset: str | None = None,
     comma-separated, empty where missing); provenance: ``data``
     (the workbook dataset, ``train -> test`` for cross-domain rows), ``preset``, ``backbones``, ``init``
     (image/text: random or pretrained), ``config`` (hash of the first seed's run config), ``rerank`` (the
-    evaluation-only variant); ``train`` (the commands that train the seeds' runs that are not there yet). ``ours`` is NaN unless ``status`` is ``measured``.
+    evaluation-only variant); ``train`` (the commands that train the seeds' runs that are not there yet).
+    ``ours`` is NaN unless ``status`` is ``measured``.
 
     A table whose numbers are not in the paper text raises :class:`tbps_lib.reported.MissingTableError`.
     ``dataset`` keeps one paper dataset's lines (a column name such as ``"RSTPReid"`` or

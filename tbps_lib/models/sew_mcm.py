@@ -44,8 +44,9 @@ Choices the paper leaves open (all config fields, documented here):
 * The positives P(i) of Eq. (5)-(6) are the person's pairs that show *another image* than the anchor's: with
   two captions per image, the other caption of the anchor's own image is a second "perfect pair" of that
   image (Eq. (1)), not a positive to be kept a margin further away (``tbps_lib/losses/sew.py``, "Positives
-  P(i)"). ``model.same_image_positives=true`` restores the literal reading (every other pair of the person);
-  ``tbps_lib.analysis.diagnostics.sew_batch_diagnostic`` measures how much of Eq. (5) that reading spends on same-image captions.
+  P(i)"). ``model.same_image_positives=true`` restores the literal reading (every other pair of the
+  person); ``tbps_lib.analysis.diagnostics.sew_batch_diagnostic`` measures how much of Eq. (5) that
+  reading spends on same-image captions.
 * T_i in Eq. (10) is the caption's length in words (punctuation not counted, ``batch["word_lengths"]``).
   T_min/T_max are the paper's values for CUHK-PEDES (20-60), ICFG-PEDES (25-65) and RSTPReid (22-60); for
   other data (``t_min = t_max = 0`` in the config) the run fills them with the 5th and 95th percentiles of
