@@ -374,3 +374,14 @@ def test_step_delta_figure_draws_each_counted_pair_once():
     assert len(ax.get_yticks()) == 2 and ax.get_title() == "p: 1 agree, 0 disagree, 1 within noise"
     empty = step_delta_figure(steps, "q")
     assert "no step measured" in empty.axes[0].texts[0].get_text()
+
+
+def test_more_seeds_read_each_dataset_once(data, registry_dir, monkeypatch):
+    from tbps_lib.data import formats
+
+    root, _ = registry_dir
+    calls = []
+    real = formats.load_dataset
+    monkeypatch.setattr(formats, "load_dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
+    frame = reproduction_table(FAKE, "A", lookup=_lookup(data, root, seeds=3))
+    assert (frame["status"] == "measured").sum() == 2 and len(calls) == 1  # 2 rows x 3 seeds, one read

@@ -773,12 +773,13 @@ def compact(frame: pd.DataFrame) -> pd.DataFrame:
 
 def format_reproduction(frame: pd.DataFrame) -> str:
     """A reproduction table as text: its title, the :func:`compact` columns, and the provenance of the
-    runs it used (data, preset, backbones, initialisation)."""
+    runs it used (first seed's config hash, seeds found/asked, data, backbones, initialisation)."""
     attrs = frame.attrs
     title = f"{attrs['paper']} Table {attrs['table']} ({attrs['kind']}), reproduced in the {attrs['preset']} preset"
     body = compact(frame).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
-    runs = frame[frame["status"] == "measured"][["data", "backbones", "init", "config"]].drop_duplicates()
-    prov = [f"  run {r.config}: data {r.data}, backbones {r.backbones}, init {r.init}" for r in runs.itertuples()]
+    runs = frame[frame["status"] == "measured"][["data", "backbones", "init", "config", "seeds"]].drop_duplicates()
+    prov = [f"  run {r.config} ({r.seeds} seeds): data {r.data}, backbones {r.backbones}, init {r.init}"
+            for r in runs.itertuples()]
     return "\n".join([title, body, *prov])
 
 
