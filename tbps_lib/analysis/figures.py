@@ -87,13 +87,14 @@ def step_delta_figure(steps: pd.DataFrame, paper: str) -> Figure:
     absolute scale differs from the paper's, so read the sign and whether the bar crosses zero. A paper
     with no such step gives a figure that says so.
     """
+    import matplotlib.pyplot as plt
+
     from tbps_lib.analysis.tables import COUNTED
 
     mine = steps[(steps["paper"] == paper) & steps["result"].isin(COUNTED)]
     if "repeat" in mine.columns:
         mine = mine[~mine["repeat"].astype(bool)]
-    fig = Figure(figsize=(7.5, 0.45 * max(len(mine), 2) + 1.2))
-    ax = fig.subplots()
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * max(len(mine), 2) + 1.2))
     if mine.empty:
         ax.text(0.5, 0.5, f"{paper}: no step measured with two or more seeds yet", ha="center", va="center")
         ax.axis("off")
