@@ -374,6 +374,9 @@ def test_step_delta_figure_draws_each_counted_pair_once():
     assert len(ax.get_yticks()) == 2 and ax.get_title() == "p: 1 agree, 0 disagree, 1 within noise"
     empty = step_delta_figure(steps, "q")
     assert "no step measured" in empty.axes[0].texts[0].get_text()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig), plt.close(empty)
 
 
 def test_more_seeds_read_each_dataset_once(data, registry_dir, monkeypatch):
