@@ -113,7 +113,7 @@ def step_delta_figure(steps: pd.DataFrame, paper: str) -> Figure:
     ax.set_xlabel(f"Δ {metric} (points): to-row minus from-row")
     counts = mine["result"].value_counts()
     ax.set_title(f"{paper}: " + ", ".join(f"{counts.get(c, 0)} {c}" for c in COUNTED), fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a point
     fig.tight_layout()
     return fig
 
