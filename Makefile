@@ -18,20 +18,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-## The whole test suite: unit tests and the notebooks (smoke mode, under nbval).
+## The whole test suite: unit tests and the notebooks (smoke mode, under nbval). The notebooks run in the
+## `ci` budget (TBPS_BUDGET=ci, tbps_lib.config.BUDGETS: 2 seeds, runs of a few steps) so that the suite
+## stays within CI's time with five method notebooks; `make reproduce` runs the `full` budget.
 test: $(STAMP)
-	TBPS_MODE=smoke TBPS_PROGRESS=0 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests $(wildcard notebooks)
+	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests $(wildcard notebooks)
 
 test-units: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
 test-notebooks: $(STAMP)
-	TBPS_MODE=smoke TBPS_PROGRESS=0 $(PY) -m pytest $(PYTEST_NB) notebooks
+	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 $(PY) -m pytest $(PYTEST_NB) notebooks
 
-## The main job: execute every notebook headless in smoke mode, regenerating figures/ and tables.
+## The main job: execute every notebook headless in smoke mode (the `full` budget: every table row with
+## 3 seeds), regenerating figures/ and tables.
 reproduce: $(STAMP)
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
-	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
+	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} TBPS_BUDGET=full $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
 	    --execute --inplace --ExecutePreprocessor.timeout=3600 $$nb || exit 1; done
 	$(VENV)/bin/tbps tables --out results/ --preset $${TBPS_MODE:-smoke} --readme README.md
 	$(VENV)/bin/tbps figures --mode $${TBPS_MODE:-smoke} --quiet

@@ -158,23 +158,25 @@ def cmd_tables(args: argparse.Namespace) -> int:
     import shlex
 
     from tbps_lib.analysis.results import check_readme, readme_section, update_readme, write_results
-    from tbps_lib.analysis.tables import compact
+    from tbps_lib.analysis.tables import DEFAULT_SEEDS, compact
 
+    seeds = args.seeds or DEFAULT_SEEDS
     if args.readme:
         check_readme(args.readme)  # before the work, so a README without markers fails fast
-    command = ["tbps", "tables", "--out", args.out, "--preset", args.preset]
+    command = ["tbps", "tables", "--out", args.out, "--preset", args.preset, "--seeds", str(seeds)]
     command += ["--papers", *args.papers] if args.papers else []
     command += [x for pair in args.root for x in ("--root", pair)]
     command += ["--readme", args.readme] if args.readme else []
     res = write_results(args.out, preset=args.preset, papers=args.papers, runs_dir=args.runs,
                         roots=_roots(args.root), board_data=args.leaderboard_data, command=shlex.join(command),
-                        n_queries=args.queries, device=args.device)
+                        n_queries=args.queries, device=args.device, seeds=seeds)
     if args.readme:
         update_readme(args.readme, readme_section(res, args.out, args.leaderboard_data))
     fmt = lambda v: f"{v:.2f}"  # noqa: E731
     print(res.header)
     print("\nrows per status:\n" + res.counts.to_string())
-    print("\nsign agreement (R1):\n" + res.signs.to_string(float_format=lambda v: f"{v:.1f}"))
+    print("\nsign agreement (R1; agree / disagree only beyond 2 standard errors of the paired difference):\n"
+          + res.signs.to_string(float_format=lambda v: f"{v:.1f}"))
     measured = [f for frames in res.tables.values() for f in frames.values()
                 if f is not None and (f["status"] == "measured").any()]
     for frame in measured:
@@ -296,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaderboard-data", default="CUHK-PEDES",
                    help="dataset of the leaderboard: a paper dataset name or a dataset spec (default CUHK-PEDES)")
     p.add_argument("--queries", type=int, default=50, help="caption queries timed per method (default 50)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="each table row is read for seeds 0..N-1 (default tables.DEFAULT_SEEDS, 3)")
     p.add_argument("--readme", default=None, help="rewrite this README's generated section (between its markers)")
     p.add_argument("--device", default=None, help="cpu, cuda ... for evaluations (default $TBPS_DEVICE or auto)")
     p.set_defaults(func=cmd_tables)

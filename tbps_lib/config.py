@@ -2,15 +2,20 @@
 
 Notebooks read their parameters from the environment with :func:`notebook_params`, so the same notebook
 runs the CPU smoke preset on the synthetic benchmark (the default) and, with ``TBPS_MODE=paper`` and
-``TBPS_DATA`` pointing at a real dataset, the papers' settings.
+``TBPS_DATA`` pointing at a real dataset, the papers' settings. ``TBPS_BUDGET`` (``full`` default, ``ci``)
+sizes the smoke runs a method notebook trains (:data:`BUDGETS`): ``make reproduce`` runs ``full``,
+``make test`` (the notebooks under nbval, CI) runs ``ci``.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MODES = ("smoke", "paper")
+DEFAULT_SEEDS = 3
+"""Seeds 0..n-1 every table row is trained with (the ``full`` budget; ``tbps tables --seeds``)."""
 # The checkout the package is installed from (editable install): runs/ and figures/ live here, so the
 # notebooks (which run inside notebooks/) and the command line share one run registry.
 WORKBOOK_ROOT = Path(__file__).resolve().parents[1]
@@ -22,23 +27,59 @@ def default_runs_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How much a method notebook trains in smoke mode: ``seeds`` per table row (0..seeds-1) and dotted
+    config ``changes`` applied to every smoke run it trains (a different config, so a different run: ``ci``
+    runs never stand in for ``full`` ones)."""
+
+    name: str
+    seeds: int
+    changes: tuple[tuple[str, Any], ...] = ()
+
+
+BUDGETS: dict[str, Budget] = {
+    "full": Budget("full", DEFAULT_SEEDS),
+    # CI (`make test`, notebooks under nbval on 2 cores): two seeds (the least that gives a noise band) and
+    # runs of a few seconds; the numbers only show that every cell works, not what the methods do.
+    "ci": Budget("ci", 2, (("optim.epochs", 1), ("optim.max_steps", 12), ("optim.warmup_epochs", 0.0))),
+}
+"""``TBPS_BUDGET`` values (see :class:`Budget`)."""
+
+
+@dataclass(frozen=True)
 class NotebookParams:
-    """What every notebook's first cell reads: preset mode, dataset spec and run-registry folder."""
+    """What every notebook's first cell reads: preset mode, dataset spec, run-registry folder and the
+    training budget (``budget`` name, ``seeds`` per table row, ``train_changes`` for every smoke run;
+    ``train_changes`` is empty in paper mode: a budget never shrinks the papers' settings)."""
 
     mode: str
     data: str
     runs: str
+    budget: str = "full"
+    seeds: int = DEFAULT_SEEDS
+    train_changes: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        """``train_changes`` as the dict that ``make_config`` / ``RunLookup(changes=)`` take."""
+        return dict(self.train_changes)
 
 
 def notebook_params() -> NotebookParams:
     """Read ``TBPS_MODE`` (smoke|paper, default smoke), ``TBPS_DATA`` (dataset name, ``synthetic:<preset>``
-    or a folder; default ``synthetic:cuhk-like``) and ``TBPS_RUNS`` (default ``runs/`` at the workbook root)."""
+    or a folder; default ``synthetic:cuhk-like``), ``TBPS_RUNS`` (default ``runs/`` at the workbook root) and
+    ``TBPS_BUDGET`` (full|ci, default full; :data:`BUDGETS`)."""
     mode = os.environ.get("TBPS_MODE", "smoke").strip().lower()
     if mode not in MODES:
         raise ValueError(f"TBPS_MODE must be one of {MODES}, got {mode!r}")
+    budget = os.environ.get("TBPS_BUDGET", "full").strip().lower() or "full"
+    if budget not in BUDGETS:
+        raise ValueError(f"TBPS_BUDGET must be one of {tuple(BUDGETS)}, got {budget!r}")
     data = os.environ.get("TBPS_DATA", "synthetic:cuhk-like").strip()
     runs = str(default_runs_dir())
-    return NotebookParams(mode=mode, data=data, runs=runs)
+    b = BUDGETS[budget]
+    return NotebookParams(mode=mode, data=data, runs=runs, budget=budget, seeds=b.seeds,
+                          train_changes=b.changes if mode == "smoke" else ())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,7 +91,7 @@ import hashlib
 import json
 import types
 import typing
-from typing import Any, Mapping
+from typing import Mapping
 
 from tbps_lib.models.registry import method_spec
 

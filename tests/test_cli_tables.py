@@ -88,3 +88,14 @@ def test_errors_are_one_line(tmp_path, toy_run, capsys):
 def test_markdown_table_escapes_and_formats():
     frame = pd.DataFrame({"row": ["a|b", "c"], "R1": [1.234, float("nan")]})
     assert markdown_table(frame).splitlines() == ["| row | R1 |", "|---|---:|", "| a\\|b | 1.23 |", "| c | - |"]
+
+
+def test_seeds_option_and_the_noise_rule_in_the_pages(tmp_path, toy_run):
+    rc, out = _tables(tmp_path, toy_run, "--seeds", "2")
+    assert rc == 0
+    index = (out / "README.md").read_text()
+    assert "seeds 0..1" in index and "within noise" in index and "--seeds 2" in index
+    summary = pd.read_csv(out / "sign_summary.csv")
+    assert {"agree", "disagree", "within noise", "repeated pair"} <= set(summary.columns)
+    csv = pd.read_csv(out / "csv" / "acsa_table_III.csv")
+    assert {"seeds", "R1 sd", "runs"} <= set(csv.columns)

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from tbps_lib.config import (RESULT_NEUTRAL_FIELDS, Config, DataConfig, OptimConfig, config_diff,
-                             config_from_dict, config_hash, config_to_dict, notebook_params, override,
-                             result_config)
+                             config_from_dict, config_hash, config_to_dict, make_config, notebook_params,
+                             override, result_config)
 from tbps_lib.models.base import MethodConfig, RetrievalModel
 from tbps_lib.models.registry import register_method
 
@@ -83,8 +83,19 @@ def test_diff_names_fields():
 def test_notebook_params(monkeypatch):
     monkeypatch.delenv("TBPS_MODE", raising=False)
     monkeypatch.delenv("TBPS_DATA", raising=False)
+    monkeypatch.delenv("TBPS_BUDGET", raising=False)
     p = notebook_params()
-    assert (p.mode, p.data) == ("smoke", "synthetic:cuhk-like")
+    assert (p.mode, p.data, p.budget, p.seeds, p.changes) == ("smoke", "synthetic:cuhk-like", "full", 3, {})
+    monkeypatch.setenv("TBPS_BUDGET", "ci")
+    p = notebook_params()
+    assert p.budget == "ci" and p.seeds == 2 and p.changes["optim.epochs"] == 1 and p.changes["optim.max_steps"] > 0
+    cfg = make_config("baseline", "smoke", changes=p.changes)  # the budget's changes are valid config fields
+    assert cfg.optim.epochs == 1
+    monkeypatch.setenv("TBPS_MODE", "paper")
+    assert notebook_params().changes == {} and notebook_params().seeds == 2  # never shrinks the paper settings
+    monkeypatch.setenv("TBPS_BUDGET", "tiny")
+    with pytest.raises(ValueError, match="TBPS_BUDGET must be one of"):
+        notebook_params()
     monkeypatch.setenv("TBPS_MODE", "fast")
     with pytest.raises(ValueError, match="TBPS_MODE must be one of"):
         notebook_params()

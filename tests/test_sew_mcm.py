@@ -248,3 +248,57 @@ def test_paper_rows_map_table_flags_to_configs():
         assert variant in {paper_rows(f, "smoke")["model.mcm"] for f in (
             {"mcm": "0"}, {"mcm": "1"}, {"mcm_mask": "1"}, {"mcm_mask": "0", "mcm_attention": "1"},
             {"mcm_mask": "1", "mcm_modeling": "1"})}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eq. (5)-(6): the positive set with two captions per image
+
+
+def test_the_other_caption_of_the_same_image_is_not_a_positive_by_hand():
+    """Two pairs of one person showing the same image I = e1, captions e1 and e2; alpha 2, M 0.5.
+
+    Literal P(i) (every other pair of the person): sim = [[1, 0], [1, 0]], no negatives (push 0);
+    I2T pulls log(1 + e^{2(0 - 1 + .5)}) and log(1 + e^{2(1 - 0 + .5)}), T2I (sim^T = [[1, 1], [0, 0]])
+    pulls log(1 + e^{2(.5)}) twice; the loss is their sum over 2 anchors. Positives of another image only:
+    both P(i) are empty, so the loss is 0 (the two captions are both perfect pairs of I, Eq. (1)).
+    """
+    import math
+
+    from tbps_lib.losses.sew import sew_pair_masks
+
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pids, same_image = torch.tensor([7, 7]), torch.tensor([3, 3])
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    literal = (sp(2 * -0.5) + sp(2 * 1.5) + 2 * sp(2 * 0.5)) / 2
+    assert sew_matching_loss(image, text, pids, 0.5, alpha=2.0).item() == pytest.approx(literal, rel=1e-6)
+    assert sew_matching_loss(image, text, pids, 0.5, alpha=2.0, image_index=same_image).item() == 0.0
+    # a third pair of the person showing another image stays a positive of both
+    positive, negative = sew_pair_masks(torch.tensor([7, 7, 7, 9]), torch.tensor([3, 3, 4, 5]))
+    assert positive.int().tolist() == [[0, 0, 1, 0], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    assert negative[:3, 3].all() and not negative[:3, :3].any()
+
+
+def test_model_uses_the_image_index_unless_configured_literally():
+    batch = make_batch()
+    batch["image_index"] = torch.arange(8) // 2  # each person's two pairs show one image
+    out = {}
+    for literal in (False, True):
+        model = sew_model(**{"model.same_image_positives": literal, "model.mcm": "none"})
+        model.eval()
+        out[literal] = model(batch)["match"].item()
+    assert out[False] == pytest.approx(0.0)  # no pair has a positive of another image: Eq. (5)-(6) are empty
+    assert out[True] > 0.0
+
+
+def test_sew_positive_census_counts_same_image_positives():
+    from tbps_lib.losses.sew import sew_positive_census
+
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    pids, index = torch.tensor([1, 1, 1, 2, 2, 3]), torch.tensor([0, 0, 1, 2, 3, 4])
+    got = sew_positive_census(image, text, pids, index, 0.5, alpha=32.0)
+    # literal positive pairs: person 1: 6 ordered pairs, 2 of them (0,1), (1,0) same image; person 2: 2
+    assert got["same-image share"] == pytest.approx(2 / 8)
+    assert got["anchors with only same-image positives"] == 0.0 and got["anchors"] == 6
+    assert got["pull (literal)"] >= got["pull (other images)"] >= 0.0

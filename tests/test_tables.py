@@ -16,8 +16,9 @@ import pytest
 
 from tbps_lib.analysis import tables
 from tbps_lib.analysis.leaderboard import leaderboard, query_latency
-from tbps_lib.analysis.tables import (STATUSES, STEPS, RunLookup, paper_tables_text, reproduction_table,
-                                      sign_agreement, sign_summary, step_result)
+from tbps_lib.analysis.tables import (STATUSES, STEPS, RowPlan, RunLookup, mark_repeats, measure_row,
+                                      paired_difference, paper_tables_text, reproduction_table, sign_agreement,
+                                      sign_summary, step_result)
 from tbps_lib.config import config_hash, make_config
 from tbps_lib.engine.runs import find_run, train_or_load
 from tbps_lib.models import registry
@@ -94,15 +95,22 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def registry_dir(data, tmp_path_factory) -> tuple[Path, dict[int, object]]:
-    """A run registry holding the toy runs of dim 16 and dim 8 on dataset A."""
+    """A run registry holding the toy runs of dim 16 and dim 8 on dataset A, seeds 0 and 1 (``trained[dim]``
+    is seed 0, ``trained[dim, seed]`` any seed)."""
     root = tmp_path_factory.mktemp("registry")
-    trained = {dim: train_or_load(make_config(FAKE, "smoke", str(data[C]), {"model.dim": dim}), runs_dir=root,
-                                  progress=False, device="cpu") for dim in (16, 8)}
+    trained = {(dim, seed): train_or_load(make_config(FAKE, "smoke", str(data[C]), {"model.dim": dim, "seed": seed}),
+                                          runs_dir=root, progress=False, device="cpu")
+               for dim in (16, 8) for seed in (0, 1)}
+    trained.update({dim: trained[dim, 0] for dim in (16, 8)})
     return root, trained
 
 
-def _lookup(data, runs_dir) -> RunLookup:
-    return RunLookup("smoke", runs_dir, sources={k: str(v) for k, v in data.items()}, device="cpu")
+def _lookup(data, runs_dir, seeds: int = 2) -> RunLookup:
+    return RunLookup("smoke", runs_dir, sources={k: str(v) for k, v in data.items()}, device="cpu", seeds=seeds)
+
+
+def _mean(trained, dim, metric="R1", seeds=(0, 1)) -> float:
+    return sum(trained[dim, s].metrics["test"][metric] for s in seeds) / len(seeds)
 
 
 def _line(frame, order, dataset=C):
@@ -179,18 +187,24 @@ def test_measured_beside_reported_with_delta_provenance_and_sign(data, registry_
     assert frame["status"].tolist()[:2] == ["measured", "measured"]
     for order, dim in ((1, 8), (2, 16)):
         line, run = _line(frame, order), trained[dim]
-        assert line["R1 ours"] == pytest.approx(run.metrics["test"]["R1"])
-        assert line["R5 ours"] == pytest.approx(run.metrics["test"]["R5"])
+        values = [trained[dim, s].metrics["test"]["R1"] for s in (0, 1)]
+        assert line["R1 ours"] == pytest.approx(_mean(trained, dim))  # mean over the two seeds
+        assert line["R5 ours"] == pytest.approx(_mean(trained, dim, "R5"))
+        assert line["R1 sd"] == pytest.approx(pd.Series(values).std(ddof=1))
+        assert line["R1 by seed"] == pytest.approx(tuple(values)) and line["seeds"] == "2/2"
+        assert line["runs"] == ",".join(config_hash(trained[dim, s].config) for s in (0, 1))
         assert line["R1 Δ"] == pytest.approx(line["R1 ours"] - line["R1 paper"])
         assert line["config"] == config_hash(run.config) and line["data"] == str(data[C])
         assert line["preset"] == "smoke" and line["init"] == "random/random" and line["train"] == ""
         assert line["backbones"] == f"{run.config.image.arch}+{run.config.text.arch}"
-    ours = trained[16].metrics["test"]["R1"] - trained[8].metrics["test"]["R1"]
-    expected = "agree" if ours > 0 else "disagree"  # the paper's step Small -> Base is +10 points
+    diffs = [trained[16, s].metrics["test"]["R1"] - trained[8, s].metrics["test"]["R1"] for s in (0, 1)]
+    ours, noise, _ = paired_difference([0.0, 0.0], diffs)
+    expected = step_result(10.0, ours, noise)  # the paper's step Small -> Base is +10 points
     steps = sign_agreement(frame)
     first = steps.iloc[0]
     assert (first["from"], first["to"], first["paper Δ"], first["result"]) == ("Small", "Base", 10.0, expected)
-    assert first["ours Δ"] == pytest.approx(ours)
+    assert first["ours Δ"] == pytest.approx(sum(diffs) / 2) and first["n"] == 2
+    assert first["noise"] == pytest.approx(2 * abs(diffs[0] - diffs[1]) / math.sqrt(2) / math.sqrt(2))
     assert steps.iloc[1]["result"] == "not measured"  # Huge is not reproducible
     assert _line(frame, 2)["sign"] == f"vs Small: {expected}"
 
@@ -201,11 +215,11 @@ def test_reranked_row_is_the_same_run_evaluated_with_visual_neighbours(data, reg
     plain, reranked = _line(frame, 1), _line(frame, 2)
     assert plain["config"] == reranked["config"] == config_hash(trained[16].config)
     assert reranked["rerank"] == "visual_neighbors" and plain["rerank"] == ""
-    expected = trained[16].evaluate("test", rerank="visual_neighbors")["R1"]
-    assert reranked["R1 ours"] == pytest.approx(expected)
-    assert plain["R1 ours"] == pytest.approx(trained[16].metrics["test"]["R1"])
+    per_seed = [trained[16, s].evaluate("test", rerank="visual_neighbors")["R1"] for s in (0, 1)]
+    assert reranked["R1 ours"] == pytest.approx(sum(per_seed) / 2)
+    assert plain["R1 ours"] == pytest.approx(_mean(trained, 16))
     step = sign_agreement(frame).iloc[0]  # one config, but re-ranked: a real step, not "same run"
-    assert step["result"] == ("agree" if expected > plain["R1 ours"] else "disagree")
+    assert step["result"] in ("agree", "disagree", "within noise")
 
 
 def test_cross_domain_row_trains_on_the_first_and_tests_on_the_second(data, registry_dir):
@@ -213,8 +227,8 @@ def test_cross_domain_row_trains_on_the_first_and_tests_on_the_second(data, regi
     frame = reproduction_table(FAKE, "X", lookup=_lookup(data, root))
     base = _line(frame, 1, f"{C}->{I}")
     assert base["status"] == "measured" and base["data"] == f"{data[C]} -> {data[I]}"
-    expected = trained[16].evaluate("test", dataset=str(data[I]))["R1"]
-    assert base["R1 ours"] == pytest.approx(expected)
+    expected = [trained[16, s].evaluate("test", dataset=str(data[I]))["R1"] for s in (0, 1)]
+    assert base["R1 ours"] == pytest.approx(sum(expected) / 2)
     assert list((trained[16].dir / "embeddings").glob("*/test.pt"))  # B's test split, encoded by the A-run
     assert base["sign"].startswith("vs Small: ")
 
@@ -223,12 +237,27 @@ def test_cross_domain_row_trains_on_the_first_and_tests_on_the_second(data, regi
 # Sign agreement
 
 
-@pytest.mark.parametrize("paper_delta, ours_delta, same, result", [
-    (2.0, 0.5, False, "agree"), (-1.0, -3.0, False, "agree"), (2.0, -0.5, False, "disagree"),
-    (2.0, 0.0, False, "disagree"), (0.0, 1.0, False, "paper: no change"), (1.0, math.nan, False, "not measured"),
-    (math.nan, 1.0, False, "paper: not reported"), (1.0, 0.0, True, "same run")])
-def test_step_result(paper_delta, ours_delta, same, result):
-    assert step_result(paper_delta, ours_delta, same) == result
+@pytest.mark.parametrize("paper_delta, ours_delta, noise, same, result", [
+    (2.0, 0.5, 0.4, False, "agree"), (-1.0, -3.0, 1.0, False, "agree"), (2.0, -0.5, 0.1, False, "disagree"),
+    (2.0, 0.5, 0.6, False, "within noise"), (2.0, -0.5, 0.5, False, "within noise"),  # inside the band
+    (2.0, 0.0, 0.0, False, "within noise"), (-2.0, 0.0, 0.3, False, "within noise"),  # zero: never disagree
+    (2.0, 0.5, math.nan, False, "too few seeds"),
+    (0.0, 1.0, 0.1, False, "paper: no change"), (1.0, math.nan, 0.1, False, "not measured"),
+    (math.nan, 1.0, 0.1, False, "paper: not reported"), (1.0, 0.0, 0.0, True, "same run")])
+def test_step_result(paper_delta, ours_delta, noise, same, result):
+    assert step_result(paper_delta, ours_delta, noise, same) == result
+
+
+def test_paired_difference_is_two_standard_errors_of_the_same_seed_differences():
+    # d = (1, 3, 2): mean 2, sd 1, n 3 -> noise 2 / sqrt(3); seed 3 is missing in one row and is left out
+    mean, noise, n = paired_difference([10.0, 10.0, 10.0, 5.0], [11.0, 13.0, 12.0, math.nan])
+    assert (mean, n) == (2.0, 3) and noise == pytest.approx(2.0 / math.sqrt(3))
+    assert step_result(1.0, mean, noise) == "agree" and step_result(-1.0, mean, noise) == "disagree"
+    # a seed effect shared by both rows cancels: unpaired the spread would hide the +1 step
+    mean, noise, _ = paired_difference([10.0, 20.0, 30.0], [11.0, 21.1, 30.9])
+    assert mean == pytest.approx(1.0) and noise < 0.2
+    assert paired_difference([1.0], [2.0])[1] != paired_difference([1.0], [2.0])[1]  # one pair: NaN noise
+    assert paired_difference([math.nan], [2.0])[2] == 0
 
 
 def test_sign_summary_counts(data, registry_dir, tmp_path):
@@ -238,9 +267,43 @@ def test_sign_summary_counts(data, registry_dir, tmp_path):
     steps = pd.concat([sign_agreement(f) for f in frames[FAKE].values()])
     summary = sign_summary(frames).loc[FAKE]
     assert summary["steps"] == len(steps) == 4
-    assert summary["agree"] + summary["disagree"] == summary["measured"] == 3
-    assert summary["not measured"] == 1
+    # Table A Small -> Base and Table X Base -> Small (another test set) are different pairs; C re-ranks
+    assert summary["agree"] + summary["disagree"] + summary["within noise"] == summary["measured"] == 3
+    assert summary["not measured"] == 1 and summary["repeated pair"] == 0
     assert summary["agree %"] == pytest.approx(100 * summary["agree"] / 3)
+
+
+def test_a_pair_of_runs_standing_for_several_steps_counts_once():
+    line = {"paper": "p", "table": "1", "from": "a", "to": "b", "to_order": 2, "what": "x", "dataset": C,
+            "metric": "R1", "paper Δ": 1.0, "ours Δ": 2.0, "noise": 0.5, "n": 3, "result": "agree",
+            "pair": "h1,h2|| -> h3,h4||"}
+    steps = pd.DataFrame([line, {**line, "table": "2"}, {**line, "pair": "h1,h2|| -> h5,h6||"},
+                          {**line, "paper": "q"}, {**line, "table": "3", "result": "not measured", "pair": ""}])
+    assert mark_repeats(steps)["repeat"].tolist() == [False, True, False, False, False]
+
+
+def test_a_row_missing_a_seed_says_so_and_averages_what_it_has(data, registry_dir):
+    root, trained = registry_dir
+    frame = reproduction_table(FAKE, "A", lookup=_lookup(data, root, seeds=3))
+    line = _line(frame, 2)
+    assert line["status"] == "measured" and line["seeds"] == "2/3"
+    assert line["R1 ours"] == pytest.approx(_mean(trained, 16))
+    assert math.isnan(line["R1 by seed"][2]) and "--set seed=2" in line["train"]
+    one = reproduction_table(FAKE, "A", lookup=_lookup(data, root, seeds=1))
+    assert _line(one, 2)["seeds"] == "1/1" and math.isnan(_line(one, 2)["R1 sd"])
+    assert sign_agreement(one).iloc[0]["result"] == "too few seeds"
+
+
+@pytest.mark.parametrize("variant", ["visual_neighbors", "k_reciprocal"])
+def test_evaluation_only_variant_rows(data, registry_dir, variant):
+    root, trained = registry_dir
+    lookup = _lookup(data, root, seeds=1)
+    got = measure_row(RowPlan(method=FAKE, changes={"model.dim": 16}, rerank=variant), C, lookup)
+    assert got["rerank"] == variant and got["status"] == "measured"
+    assert got["metrics"]["R1"] == pytest.approx(trained[16].evaluate("test", rerank=variant)["R1"])
+    with pytest.raises(ValueError, match="RowPlan.rerank"):
+        RowPlan(method=FAKE, rerank="nearest")
+    assert tables.plan_row(FAKE, "C", 2, "Ours+R", "+R", f"method={FAKE};rerank=k_reciprocal").rerank == "k_reciprocal"
 
 
 def test_steps_name_rows_of_the_tables():
@@ -307,3 +370,32 @@ def test_find_run_returns_the_finished_run_and_never_trains(data, registry_dir):
     before = sorted(p.name for p in root.iterdir())
     assert find_run(make_config(FAKE, "smoke", str(data[C]), {"model.dim": 4}), root) is None
     assert sorted(p.name for p in root.iterdir()) == before  # no folder was created for the missing run
+
+
+def test_step_delta_figure_draws_each_counted_pair_once():
+    from tbps_lib.analysis.figures import step_delta_figure
+
+    line = {"paper": "p", "table": "1", "from": "a", "to": "b", "to_order": 2, "what": "x", "dataset": C,
+            "metric": "R1", "paper Δ": 1.0, "ours Δ": 2.0, "noise": 0.5, "n": 3, "result": "agree",
+            "pair": "k1"}
+    steps = mark_repeats(pd.DataFrame([line, {**line, "table": "2"}, {**line, "pair": "k2", "result": "within noise"},
+                                       {**line, "pair": "", "result": "not measured"}]))
+    fig = step_delta_figure(steps, "p")
+    ax = fig.axes[0]
+    assert len(ax.get_yticks()) == 2 and ax.get_title() == "p: 1 agree, 0 disagree, 1 within noise"
+    empty = step_delta_figure(steps, "q")
+    assert "no step measured" in empty.axes[0].texts[0].get_text()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig), plt.close(empty)
+
+
+def test_more_seeds_read_each_dataset_once(data, registry_dir, monkeypatch):
+    from tbps_lib.data import catalog
+
+    root, _ = registry_dir
+    calls = []
+    real = catalog.load_dataset
+    monkeypatch.setattr(catalog, "load_dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
+    frame = reproduction_table(FAKE, "A", lookup=_lookup(data, root, seeds=3))
+    assert (frame["status"] == "measured").sum() == 2 and len(calls) == 1  # 2 rows x 3 seeds, one read

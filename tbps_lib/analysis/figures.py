@@ -17,6 +17,8 @@ figure name                           what it rebuilds
 ``pointing_game``                     no paper: word-heatmap peaks in the named part's mask (synthetic)
 ``sew_mcm_decoder_cross_attention``   the MCM decoder's word-to-image cross-attention (methods that
                                       expose ``decoder_attention``; cf. the part-level paper's Fig. 4)
+``steps_<paper>``                     no paper figure: each ablation step's paper Δ beside ours with its
+                                      noise band (:func:`step_delta_figure`, notebooks 03 and 13)
 ====================================  ===================================================================
 """
 from __future__ import annotations
@@ -59,6 +61,52 @@ def save_figure(fig: Figure, name: str, dpi: int = 150) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------------------
 # Runs
+
+
+STEP_COLORS = {"agree": "tab:green", "disagree": "tab:red", "within noise": "tab:gray"}
+"""Colour of our Δ per step result (:data:`tbps_lib.analysis.tables.COUNTED`); uncounted steps are not drawn."""
+
+
+def step_delta_figure(steps: pd.DataFrame, paper: str) -> Figure:
+    """One paper's ablation steps side by side: the paper's Δ (black diamond) and ours (dot, coloured by
+    result) with its noise band as an error bar (the ± ``noise`` of
+    :func:`tbps_lib.analysis.tables.paired_difference`, 2 standard errors of the paired difference).
+
+    ``steps``: :func:`~tbps_lib.analysis.tables.all_steps` lines (or :func:`sign_agreement`'s with a
+    ``repeat`` column); drawn are the lines of ``paper`` with a counted result that are not repetitions of
+    a pair already drawn. Paper and workbook Δ share one axis (points of the metric); the workbook's
+    absolute scale differs from the paper's, so read the sign and whether the bar crosses zero. A paper
+    with no such step gives a figure that says so.
+    """
+    import matplotlib.pyplot as plt
+
+    from tbps_lib.analysis.tables import COUNTED
+
+    mine = steps[(steps["paper"] == paper) & steps["result"].isin(COUNTED)]
+    if "repeat" in mine.columns:
+        mine = mine[~mine["repeat"].astype(bool)]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * max(len(mine), 2) + 1.2))
+    if mine.empty:
+        ax.text(0.5, 0.5, f"{paper}: no step measured with two or more seeds yet", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    y = np.arange(len(mine))[::-1]
+    labels = [f"T{r.table} {r.what} [{r.dataset}]" for r in mine.itertuples()]
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.scatter(mine["paper Δ"], y + 0.15, marker="D", color="black", label="paper Δ", zorder=3)
+    for yy, (_, r) in zip(y, mine.iterrows()):
+        ax.errorbar(r["ours Δ"], yy - 0.15, xerr=r["noise"], fmt="o", color=STEP_COLORS[r["result"]],
+                    capsize=3, zorder=3)
+    for result, color in STEP_COLORS.items():
+        ax.errorbar([], [], xerr=[], fmt="o", color=color, capsize=3, label=f"ours ± noise: {result}")
+    ax.set_yticks(y, labels, fontsize=8)
+    metric = mine["metric"].iloc[0]
+    ax.set_xlabel(f"Δ {metric} (points): to-row minus from-row")
+    counts = mine["result"].value_counts()
+    ax.set_title(f"{paper}: " + ", ".join(f"{counts.get(c, 0)} {c}" for c in COUNTED), fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a point
+    fig.tight_layout()
+    return fig
 
 
 def load_runs(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", data: str | None = None,

@@ -25,8 +25,9 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from tbps_lib.analysis.leaderboard import leaderboard
-from tbps_lib.analysis.tables import (PAPER_DATA, ROOT_ENV, SIGN_METRIC, SMOKE_DATA, RunLookup, all_steps, compact,
-                                      paper_table, reproduce_all, sign_agreement, sign_summary, status_counts)
+from tbps_lib.analysis.tables import (DEFAULT_SEEDS, NOISE_SE, PAPER_DATA, ROOT_ENV, SIGN_METRIC, SMOKE_DATA, RunLookup,
+                                      all_steps, compact, paper_table, reproduce_all, sign_agreement, sign_summary,
+                                      status_counts)
 from tbps_lib.reported import DATASETS, PAPERS, table_info
 from tbps_lib.utils import atomic_write_text
 
@@ -91,19 +92,28 @@ def paper_markdown(paper: str, frames: Mapping[str, pd.DataFrame | None], header
             out += [f"Partial: {info['reason']}", ""]
         out += ["### Reported", "", _reported_markdown(paper, table), "",
                 f"### Reproduced ({frame.attrs['preset']} preset)", "", markdown_table(compact(frame)), ""]
-        runs = frame[frame["status"] == "measured"][["config", "data", "backbones", "init", "rerank"]]
+        runs = frame[frame["status"] == "measured"][["config", "seeds", "data", "backbones", "init", "rerank"]]
         if len(runs):
-            out += ["Runs: " + "; ".join(f"`{r.config}` on `{r.data}` ({r.backbones}, init {r.init}"
+            out += ["Runs (first seed's config; seeds found/asked): "
+                    + "; ".join(f"`{r.config}` ({r.seeds} seeds) on `{r.data}` ({r.backbones}, init {r.init}"
                                          + (f", re-ranked with {r.rerank})" if r.rerank else ")")
                                          for r in runs.drop_duplicates().itertuples()), ""]
-        missing = list(dict.fromkeys(frame.loc[frame["status"] == "not run yet", "train"]))
+        missing = list(dict.fromkeys(c for cmds in frame.loc[frame["train"] != "", "train"] for c in cmds.split("; ")))
         if missing:
             out += ["Not run yet; these commands train the missing runs:", "", "```bash", *missing, "```", ""]
         steps = sign_agreement(frame)
         if len(steps):
-            out += [f"### Sign of each step ({SIGN_METRIC})", "",
-                    markdown_table(steps[["from", "to", "what", "dataset", "paper Δ", "ours Δ", "result"]]), ""]
+            out += [f"### Sign of each step ({SIGN_METRIC})", "", SIGN_RULE, "",
+                    markdown_table(steps[["from", "to", "what", "dataset", "paper Δ", "ours Δ", "noise", "n",
+                                          "result"]]), ""]
     return "\n".join(out)
+
+
+SIGN_RULE = (f"`ours Δ`: mean over seeds of the paired (same-seed) difference; `noise`: {NOISE_SE:g} standard "
+             "errors of it; `n`: paired seeds. A step *agrees* or *disagrees* only when |ours Δ| > noise, "
+             "otherwise it is *within noise*; fewer than two paired seeds: *too few seeds*. A pair of runs that "
+             "stands for several steps counts once in the summary (`repeated pair`).")
+"""How a step's result is decided, as the generated pages state it (see tables.step_result)."""
 
 
 @dataclass
@@ -126,7 +136,7 @@ def _overview(res: Results, board_data: str, links: bool, prefix: str = "") -> l
            "evaluation); `params_M`: all parameters in millions; `query_ms`: median time to answer one caption "
            "(tokenise, encode, score the whole test gallery, top-10) after warm-up.", "",
            f"### Sign agreement per paper ({SIGN_METRIC}; steps listed in `tbps_lib.analysis.tables.STEPS`)", "",
-           markdown_table(res.signs.reset_index(), float_format="{:.1f}"), "",
+           markdown_table(res.signs.reset_index(), float_format="{:.1f}"), "", SIGN_RULE, "",
            "### Rows per status", "", markdown_table(res.counts.reset_index()), ""]
     if links:
         out += ["Per paper: " + " · ".join(f"[{p}]({prefix}{p}.md)" for p in res.tables), ""]
@@ -136,18 +146,20 @@ def _overview(res: Results, board_data: str, links: bool, prefix: str = "") -> l
 def write_results(out: str | os.PathLike, preset: str = "smoke", papers: Sequence[str] | None = None,
                   runs_dir: str | os.PathLike | None = None, roots: Mapping[str, str] | None = None,
                   board_data: str = "CUHK-PEDES", command: str = "tbps tables", n_queries: int = 50,
-                  device: str | None = None) -> Results:
+                  device: str | None = None, seeds: int = DEFAULT_SEEDS) -> Results:
     """Reproduce every table of ``papers`` (default: all five) and the leaderboard from the run registry
-    (nothing is trained) and write them under ``out`` (layout: module docstring)."""
+    (nothing is trained) and write them under ``out`` (layout: module docstring); each row over seeds
+    0..``seeds``-1."""
     papers = list(papers or PAPERS)
     unknown = [p for p in papers if p not in PAPERS]
     if unknown:
         raise ValueError(f"unknown paper(s) {unknown}; available: {', '.join(PAPERS)}")
-    lookup = RunLookup(preset, runs_dir, roots, device=device)
+    lookup = RunLookup(preset, runs_dir, roots, device=device, seeds=seeds)
     tables = reproduce_all(lookup, papers)
     board = leaderboard(board_data, preset, lookup=lookup, n_queries=n_queries)
     header = (f"Generated by `{command}` (do not edit by hand): {preset} preset; data: {data_description(lookup)}; "
-              "numbers read from the run registry, nothing trained.")
+              f"each table row over seeds 0..{seeds - 1} (mean ± sd); numbers read from the run registry, "
+              "nothing trained.")
     res = Results(tables, board, sign_summary(tables), status_counts(tables), [], header)
     root = Path(out)
     (root / "csv").mkdir(parents=True, exist_ok=True)

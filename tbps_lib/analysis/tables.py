@@ -45,9 +45,32 @@ Sign agreement
 printed order: for an ablation table, each component the paper adds or swaps, measured against the row
 the paper compares it with (e.g. Sew Table 4: Model 2, the ViT baseline, against Models 3-5; Model 6
 against Models 4 and 5); for comparison tables, the paper's own "+R" row against its plain row. A step
-*agrees* when the workbook's change of :data:`SIGN_METRIC` (R1) has the same sign as the paper's; a step
-with a row not measured, that the paper prints as no change (or leaves blank), or whose two rows resolve
-to the same run is not counted (:data:`UNCOUNTED`).
+*agrees* when the workbook's change of :data:`SIGN_METRIC` (R1) has the same sign as the paper's *and*
+is larger than its noise; otherwise it is *within noise* (:func:`step_result`):
+
+* ``ours Δ`` is the mean paired difference over the seeds both rows were measured with,
+  d_s = to_s - from_s (same seed s), and ``noise`` = :data:`NOISE_SE` (2) standard errors of it,
+  2 * sd(d) / sqrt(n). The rule: ``agree`` / ``disagree`` only when |mean d| > noise, else
+  ``within noise``; a change of exactly zero is therefore never ``disagree``.
+* fewer than two paired seeds give no noise estimate: ``too few seeds`` (not counted).
+* a step with a row not measured, that the paper prints as no change (or leaves blank), or whose two rows
+  resolve to the same runs is not counted (:data:`UNCOUNTED`).
+* several steps can stand for the same pair of runs (e.g. "+ MCM" in Sew Tables 4, 5 and 6 on one dataset);
+  :func:`all_steps` marks every repetition of a pair within a paper (column ``repeat``) and
+  :func:`sign_summary` counts each pair once.
+
+Seeds
+-----
+Each row is trained for seeds 0..n-1 (config field ``seed``; n = :class:`RunLookup` ``seeds``,
+:data:`DEFAULT_SEEDS` = 3). ``<m> ours`` is the mean over the seeds found, ``<m> sd`` their standard
+deviation (NaN for one seed), ``seeds`` says how many were found ("2/3"), ``<m> by seed`` holds the values
+per seed (NaN where missing). A row with at least one seed is ``measured``.
+
+Evaluation-only variants
+------------------------
+:attr:`RowPlan.rerank` names how a run is evaluated, one of :data:`RERANK_VARIANTS` (None, visual
+neighbours, k-reciprocal in the released code's or the paper's form, the method's two-stage ``rescore``);
+the name is passed to ``Run.evaluate(rerank=...)`` and recorded in the row's ``rerank`` column.
 """
 from __future__ import annotations
 
@@ -60,6 +83,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import pandas as pd
 
+from tbps_lib.config import DEFAULT_SEEDS
+from tbps_lib.engine.metrics import METRIC_NAMES
 from tbps_lib.reported import (DATASETS, METRICS, PAPERS, MissingTableError, available_tables, load_reported,
                                parse_config, table_info)
 
@@ -79,11 +104,17 @@ ROOT_ENV = {"CUHK-PEDES": "TBPS_CUHK_PEDES_ROOT", "ICFG-PEDES": "TBPS_ICFG_PEDES
 """Paper dataset -> the environment variable naming its folder (paper preset)."""
 RERANK = "visual_neighbors"
 """The re-ranking of "+R" rows: NAFS-style visual neighbours, as the papers describe it."""
+RERANK_VARIANTS = (None, "visual_neighbors", "k_reciprocal", "k_reciprocal_paper", "rescore")
+"""Evaluation-only row variants (:attr:`RowPlan.rerank`), passed as ``rerank=`` to ``Run.evaluate``."""
+NOISE_SE = 2.0
+"""The noise band of a step: this many standard errors of the paired (same-seed) difference."""
 SIGN_METRIC = "R1"
-UNCOUNTED = ("not measured", "same run", "paper: no change", "paper: not reported")
-"""Results of a step that is neither ``agree`` nor ``disagree`` (see :func:`step_result`)."""
+COUNTED = ("agree", "disagree", "within noise")
+"""The three results a measured step can have (see :func:`step_result`)."""
+UNCOUNTED = ("not measured", "too few seeds", "same run", "paper: no change", "paper: not reported")
+"""Results of a step that is none of :data:`COUNTED` (see :func:`step_result`)."""
 STEP_COLUMNS = ("paper", "table", "from", "to", "to_order", "what", "dataset", "metric", "paper Δ", "ours Δ",
-                "result")
+                "noise", "n", "result", "pair")
 NON_CONFIG_FLAGS = ("method", "rerank", "image_pretrain")
 """Row flags that are not config changes: handled by :func:`plan_row`, never passed to ``paper_rows``."""
 WORKBOOK_LABELS = {"CMPM+CMPC": "baseline", "CMPM/C": "baseline", "DSSL": "dssl", "ACSA": "acsa",
@@ -225,20 +256,37 @@ def paper_tables_text(paper: str) -> str:
 
 @dataclass(frozen=True)
 class RowPlan:
-    """How one reported row is reproduced: ``method`` with config ``changes`` (evaluated re-ranked when
-    ``rerank``), or why it is not (``status`` is then ``not implemented`` / ``not reproducible``)."""
+    """How one reported row is reproduced: ``method`` with config ``changes``, evaluated with the
+    evaluation-only variant ``rerank`` (one of :data:`RERANK_VARIANTS`; None = plain ranking), or why it is
+    not (``status`` is then ``not implemented`` / ``not reproducible``)."""
 
     status: str = ""
     reason: str = ""
     method: str | None = None
     changes: Mapping[str, Any] = field(default_factory=dict)
-    rerank: bool = False
+    rerank: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rerank not in RERANK_VARIANTS:
+            raise ValueError(f"RowPlan.rerank must be one of {RERANK_VARIANTS}, got {self.rerank!r}")
 
 
 def _label_method(label: str) -> str | None:
     """The workbook method a row label of another paper names (:data:`WORKBOOK_LABELS`), if any."""
     base = _CITATION.sub("", _VARIANT_SUFFIX.sub("", label.strip())).strip()
     return WORKBOOK_LABELS.get(base)
+
+
+def _rerank_flag(value: str) -> str | None:
+    """The variant a row's ``rerank`` flag names: ``1`` -> :data:`RERANK`, ``0`` / empty -> None, or a name
+    of :data:`RERANK_VARIANTS` as is."""
+    if value in ("", "0"):
+        return None
+    if value == "1":
+        return RERANK
+    if value not in RERANK_VARIANTS:
+        raise ValueError(f"rerank flag {value!r}: expected 0, 1 or one of {RERANK_VARIANTS[1:]}")
+    return value
 
 
 def plan_row(paper: str, table: str, order: int, label: str, variant: str, config: str,
@@ -258,7 +306,7 @@ def plan_row(paper: str, table: str, order: int, label: str, variant: str, confi
                  "image_pretrain": "clip" if "+C" in variant else ""}
     method = flags.get("method", paper)
     default = "method" in flags
-    rerank = flags.get("rerank") == "1"
+    rerank = _rerank_flag(flags.get("rerank", ""))
     if flags.get("image_pretrain") == "clip":
         return RowPlan("not reproducible", "a CLIP-pretrained image encoder (+C): the workbook has no local CLIP "
                                            "weights and downloads nothing", method, rerank=rerank)
@@ -302,21 +350,32 @@ class RunLookup:
     dataset spec, root, validation hold-out and seed), found runs, and re-ranked / cross-domain evaluations.
     ``roots`` maps paper dataset names to folders (paper preset; default: :data:`ROOT_ENV` variables);
     ``sources`` overrides the workbook dataset spec of a paper dataset (e.g. ``{"CUHK-PEDES": "/data/x"}``).
+    ``seeds``: each row is looked up for seeds 0..seeds-1 (config field ``seed``); ``changes``: dotted
+    config changes applied to every row before its own (e.g. a notebook budget's fewer epochs,
+    :attr:`tbps_lib.config.NotebookParams.changes`). A dataset file is read once per (spec, root);
+    only the seed-dependent validation hold-out is redone per seed, so more seeds stay cheap to look up.
     """
 
     def __init__(self, preset: str = "smoke", runs_dir: str | os.PathLike | None = None,
                  roots: Mapping[str, str] | None = None, sources: Mapping[str, str] | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, seeds: int = DEFAULT_SEEDS,
+                 changes: Mapping[str, Any] | None = None) -> None:
         from tbps_lib.config import PRESETS
 
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; presets: {list(PRESETS)}")
+        if int(seeds) < 1:
+            raise ValueError(f"RunLookup: seeds must be >= 1, got {seeds}")
+        if "seed" in (changes or {}):
+            raise ValueError("RunLookup: changes may not set 'seed'; use seeds= (rows run seeds 0..seeds-1)")
+        self.seeds, self.changes = int(seeds), dict(changes or {})
         unknown = sorted(set(roots or {}) - set(DATASETS)) + sorted(set(sources or {}) - set(DATASETS))
         if unknown:
             raise ValueError(f"unknown paper dataset(s) {unknown}; expected names from {list(DATASETS)}")
         self.preset, self.runs_dir, self.device = preset, runs_dir, device
         self.roots, self.sources = dict(roots or {}), dict(sources or {})
         self._datasets: dict[tuple, TBPSDataset] = {}
+        self._loaded: dict[tuple, TBPSDataset] = {}
         self._runs: dict[str, Run | None] = {}
         self._evals: dict[tuple, dict[str, float]] = {}
 
@@ -340,12 +399,17 @@ class RunLookup:
         return PAPER_DATA[name], root
 
     def prepare(self, cfg: Config) -> TBPSDataset:
-        """``prepare_dataset(cfg)``, once per (dataset, root, validation hold-out, seed)."""
+        """``prepare_dataset(cfg)``, once per (dataset, root, validation hold-out, seed); the dataset itself
+        is loaded once per (dataset, root)."""
+        from tbps_lib.data.catalog import load_dataset
         from tbps_lib.data.loaders import prepare_dataset
 
         key = (cfg.data.dataset, cfg.data.root, cfg.data.val_holdout, cfg.seed)
         if key not in self._datasets:
-            self._datasets[key] = prepare_dataset(cfg)
+            source = (cfg.data.dataset, cfg.data.root)
+            if source not in self._loaded:
+                self._loaded[source] = load_dataset(cfg.data.dataset, root=cfg.data.root)
+            self._datasets[key] = prepare_dataset(cfg, loaded=self._loaded[source])
         return self._datasets[key]
 
     def find(self, cfg: Config) -> Run | None:
@@ -363,12 +427,15 @@ class RunLookup:
         """Test metrics of a run: the recorded ones (``metrics.json``), or evaluated re-ranked and/or on
         another dataset's test split ``test`` = (spec, root), from the run's cached embeddings."""
         if rerank is None and test is None:
-            return {k: float(v) for k, v in run.metrics["test"].items() if k != "split"}
-        key = (str(run.dir), rerank, test)
-        if key not in self._evals:
-            dataset, root = test if test is not None else (None, None)
-            self._evals[key] = run.evaluate("test", rerank=rerank, dataset=dataset, root=root)
-        return self._evals[key]
+            found = run.metrics["test"]
+        else:
+            key = (str(run.dir), rerank, test)
+            if key not in self._evals:
+                dataset, root = test if test is not None else (None, None)
+                self._evals[key] = run.evaluate("test", rerank=rerank, dataset=dataset, root=root)
+            found = self._evals[key]
+        # numbers only: a re-ranked result also names its re-ranking, which the row's ``rerank`` column holds
+        return {k: float(v) for k, v in found.items() if k in METRIC_NAMES}
 
 
 def encoder_init(run: Run | None, cfg: Config) -> str:
@@ -379,24 +446,32 @@ def encoder_init(run: Run | None, cfg: Config) -> str:
     return "/".join(str(init.get(k, "?")).split(":")[0] for k in ("image", "text"))
 
 
-def row_config(plan: RowPlan, dataset: str, lookup: RunLookup) -> tuple[Config, tuple[str, str | None] | None]:
+def row_config(plan: RowPlan, dataset: str, lookup: RunLookup, seed: int = 0
+               ) -> tuple[Config, tuple[str, str | None] | None]:
     """(config of the run, test dataset (spec, root) or None) of a runnable planned row on one paper dataset
-    (``A->B``: the run trains on A and is tested on B); NotReproducible when a dataset is not available."""
+    for one ``seed`` (``A->B``: the run trains on A and is tested on B); NotReproducible when a dataset is
+    not available. The lookup's ``changes`` come first, the row's own changes override them."""
     from tbps_lib.config import make_config
 
     names = dataset.split("->")
     (spec, root), test = lookup.source(names[0]), (lookup.source(names[1]) if len(names) == 2 else None)
-    changes = {**plan.changes, **({"data.root": root} if root else {})}
+    changes = {**lookup.changes, **plan.changes, **({"data.root": root} if root else {}),
+               **({"seed": seed} if seed else {})}
     return make_config(plan.method, lookup.preset, spec, changes), test
+
+
+def _row_changes(plan: RowPlan, lookup: RunLookup, seed: int) -> dict[str, Any]:
+    """The ``--set`` changes of a row's training command (see :func:`row_config`)."""
+    return {**lookup.changes, **plan.changes, **({"seed": seed} if seed else {})}
 
 
 def table_configs(paper: str, table: str | int, preset: str = "smoke", lookup: RunLookup | None = None
                   ) -> pd.DataFrame:
-    """The runs a paper table needs: one line per runnable (row, paper dataset) with ``order``, ``row``,
-    ``dataset`` (the paper's), ``method``, ``config`` (the :class:`~tbps_lib.config.Config` to train) and
-    ``hash`` (its config hash; rows sharing a run share it). Rows that are not implemented or not
-    reproducible in this preset are left out. This plans only; training is the caller's
-    (``train_or_load(config)`` per distinct hash), so analysis never trains."""
+    """The runs a paper table needs: one line per runnable (row, paper dataset, seed) with ``order``, ``row``,
+    ``dataset`` (the paper's), ``seed`` (0..lookup.seeds-1), ``method``, ``config`` (the
+    :class:`~tbps_lib.config.Config` to train) and ``hash`` (its config hash; rows sharing a run share it).
+    Rows that are not implemented or not reproducible in this preset are left out. This plans only;
+    training is the caller's (``train_or_load(config)`` per distinct hash), so analysis never trains."""
     from tbps_lib.config import config_hash
     from tbps_lib.models.registry import NotReproducible
 
@@ -410,39 +485,65 @@ def table_configs(paper: str, table: str | int, preset: str = "smoke", lookup: R
             plan = plan_row(paper, info["table"], order, r["row"], r["variant"], r["config"], preset)
             if plan.status:
                 continue
-            try:
-                cfg, _ = row_config(plan, name, lookup)
-            except NotReproducible:
-                continue
-            lines.append({"order": order, "row": r["row"], "dataset": name, "method": plan.method, "config": cfg,
-                          "hash": config_hash(cfg)})
-    return pd.DataFrame(lines, columns=["order", "row", "dataset", "method", "config", "hash"])
+            for seed in range(lookup.seeds):
+                try:
+                    cfg, _ = row_config(plan, name, lookup, seed)
+                except NotReproducible:
+                    break
+                lines.append({"order": order, "row": r["row"], "dataset": name, "seed": seed, "method": plan.method,
+                              "config": cfg, "hash": config_hash(cfg)})
+    return pd.DataFrame(lines, columns=["order", "row", "dataset", "seed", "method", "config", "hash"])
 
 
 def measure_row(plan: RowPlan, dataset: str, lookup: RunLookup) -> dict[str, Any]:
     """Status, measured metrics and provenance of one planned row on one paper dataset (``A->B``:
-    train on A, test on B)."""
+    train on A, test on B), over the seeds 0..lookup.seeds-1.
+
+    ``metrics`` are the means over the seeds found, ``sd`` their standard deviations (NaN for one seed),
+    ``by_seed`` one metrics dict per seed (empty where the run is missing), ``runs`` the config hash of
+    each seed's run ("" where missing), ``seeds`` "found/asked"; ``train`` holds the commands of the
+    missing seeds' runs."""
     from tbps_lib.config import config_hash
     from tbps_lib.models.registry import NotReproducible
 
-    out: dict[str, Any] = {"status": plan.status, "reason": plan.reason, "metrics": {}, "data": "",
-                           "backbones": "", "init": "", "config": "", "rerank": RERANK if plan.rerank else "",
-                           "train": ""}
+    out: dict[str, Any] = {"status": plan.status, "reason": plan.reason, "metrics": {}, "sd": {}, "by_seed": [],
+                           "runs": (), "seeds": "", "data": "", "backbones": "", "init": "", "config": "",
+                           "rerank": plan.rerank or "", "train": ""}
     if plan.status:
         return out
-    try:
-        cfg, test = row_config(plan, dataset, lookup)
-    except NotReproducible as e:
-        return {**out, "status": "not reproducible", "reason": str(e)}
-    spec, root = cfg.data.dataset, cfg.data.root
-    run = lookup.find(cfg)
-    out.update(data=spec if test is None else f"{spec} -> {test[0]}", backbones=f"{cfg.image.arch}+{cfg.text.arch}",
-               init=encoder_init(run, cfg))
-    if run is None:
-        return {**out, "status": "not run yet",
-                "train": train_command(plan.method, lookup.preset, spec, root, plan.changes)}
-    metrics = lookup.test_metrics(run, RERANK if plan.rerank else None, test)
-    return {**out, "status": "measured", "metrics": metrics, "config": config_hash(run.config)}
+    found: list[tuple[int, Run, Config]] = []
+    missing: list[str] = []
+    for seed in range(lookup.seeds):
+        try:
+            cfg, test = row_config(plan, dataset, lookup, seed)
+        except NotReproducible as e:
+            return {**out, "status": "not reproducible", "reason": str(e)}
+        run = lookup.find(cfg)
+        if run is None:
+            missing.append(train_command(plan.method, lookup.preset, cfg.data.dataset, cfg.data.root,
+                                         _row_changes(plan, lookup, seed)))
+        else:
+            found.append((seed, run, cfg))
+    first_cfg = found[0][2] if found else cfg
+    spec = first_cfg.data.dataset
+    out.update(data=spec if test is None else f"{spec} -> {test[0]}",
+               backbones=f"{first_cfg.image.arch}+{first_cfg.text.arch}",
+               init=encoder_init(found[0][1] if found else None, first_cfg),
+               seeds=f"{len(found)}/{lookup.seeds}", train="; ".join(missing))
+    if not found:
+        return {**out, "status": "not run yet"}
+    by_seed: list[dict[str, float]] = [{} for _ in range(lookup.seeds)]
+    runs = [""] * lookup.seeds
+    for seed, run, _ in found:
+        by_seed[seed] = lookup.test_metrics(run, plan.rerank, test)
+        runs[seed] = config_hash(run.config)
+    measured = [m for m in by_seed if m]
+    names = [k for k in measured[0] if all(k in m for m in measured)]
+    mean = {k: float(pd.Series([m[k] for m in measured]).mean()) for k in names}
+    sd = {k: float(pd.Series([m[k] for m in measured]).std(ddof=1)) if len(measured) > 1 else math.nan
+          for k in names}
+    return {**out, "status": "measured", "metrics": mean, "sd": sd, "by_seed": by_seed, "runs": tuple(runs),
+            "config": runs[found[0][0]]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,6 +551,7 @@ def measure_row(plan: RowPlan, dataset: str, lookup: RunLookup) -> dict[str, Any
 
 
 def _ours(metrics: Mapping[str, float], metric: str) -> float:
+    """One metric of a measured metrics dict (NaN when absent); ``Rsum`` = R1 + R5 + R10."""
     if metric == "Rsum":
         parts = [metrics.get(k) for k in ("R1", "R5", "R10")]
         return float(sum(parts)) if all(p is not None for p in parts) else math.nan
@@ -463,12 +565,16 @@ def reproduction_table(paper: str, table: str | int, dataset: str | None = None,
 
     One line per (row, paper dataset), datasets in the order the paper prints them, rows in paper order
     within a dataset. Columns: ``order``, ``row`` (and ``backbone`` where printed), ``dataset`` (the
-    paper's), ``status``; for each metric the table reports, ``<m> paper``, ``<m> ours`` and ``<m> Δ``
-    (ours - paper, percentage points; ``Rsum`` ours = R1 + R5 + R10); ``sign`` (the steps of
-    :data:`STEPS` that end at this row: ``vs <row>: agree|disagree|...``); ``reason``; provenance: ``data``
+    paper's), ``status``; for each metric the table reports, ``<m> paper``, ``<m> ours`` (mean over
+    seeds), ``<m> sd`` (standard deviation over seeds) and ``<m> Δ`` (ours - paper, percentage points;
+    ``Rsum`` ours = R1 + R5 + R10); ``seeds`` (found/asked, e.g. ``2/3``); ``sign`` (the steps of
+    :data:`STEPS` that end at this row: ``vs <row>: agree|disagree|within noise|...``); ``reason``;
+    ``<m> by seed`` (tuple of per-seed values, NaN where missing) and ``runs`` (per-seed run hashes,
+    comma-separated, empty where missing); provenance: ``data``
     (the workbook dataset, ``train -> test`` for cross-domain rows), ``preset``, ``backbones``, ``init``
-    (image/text: random or pretrained), ``config`` (hash of the run's config), ``rerank``; ``train`` (the
-    command that trains a run that is not there yet). ``ours`` is NaN unless ``status`` is ``measured``.
+    (image/text: random or pretrained), ``config`` (hash of the first seed's run config), ``rerank`` (the
+    evaluation-only variant); ``train`` (the commands that train the seeds' runs that are not there yet).
+    ``ours`` is NaN unless ``status`` is ``measured``.
 
     A table whose numbers are not in the paper text raises :class:`tbps_lib.reported.MissingTableError`.
     ``dataset`` keeps one paper dataset's lines (a column name such as ``"RSTPReid"`` or
@@ -503,8 +609,11 @@ def reproduction_table(paper: str, table: str | int, dataset: str | None = None,
             for m in metrics:
                 theirs = float(reported.get(m, math.nan))
                 ours = _ours(result["metrics"], m)
-                rec.update({f"{m} paper": theirs, f"{m} ours": ours, f"{m} Δ": ours - theirs})
-            rec.update(sign="", reason=result["reason"], data=result["data"], preset=preset,
+                rec.update({f"{m} paper": theirs, f"{m} ours": ours, f"{m} sd": _ours(result["sd"], m),
+                            f"{m} Δ": ours - theirs})
+            rec.update(seeds=result["seeds"], sign="", reason=result["reason"])
+            rec.update({f"{m} by seed": tuple(_ours(s, m) for s in result["by_seed"]) for m in metrics})
+            rec.update(runs=",".join(result["runs"]), data=result["data"], preset=preset,
                        backbones=result["backbones"], init=result["init"], config=result["config"],
                        rerank=result["rerank"], train=result["train"])
             records.append(rec)
@@ -528,9 +637,26 @@ def _sign(x: float) -> int:
     return int(x > 0) - int(x < 0)
 
 
-def step_result(paper_delta: float, ours_delta: float, same_run: bool = False) -> str:
-    """``agree`` / ``disagree`` for one step, or why it is not counted (:data:`UNCOUNTED`): the paper
-    leaves a cell blank or shows no change, a row has no measurement, or both rows resolve to one run."""
+def paired_difference(before: Iterable[float], after: Iterable[float]) -> tuple[float, float, int]:
+    """(mean Δ, noise, n) of a step measured per seed: d_s = after_s - before_s over the seeds where both
+    are measured (NaN = missing), mean Δ = mean(d), noise = :data:`NOISE_SE` * sd(d) / sqrt(n) (NaN for
+    n < 2: one pair says nothing about the noise). Pairing by seed removes what the two rows share
+    (the seed's data order, initialisation and validation split)."""
+    pairs = [(a, b) for a, b in zip(before, after) if not (math.isnan(a) or math.isnan(b))]
+    n = len(pairs)
+    if n == 0:
+        return math.nan, math.nan, 0
+    d = pd.Series([b - a for a, b in pairs], dtype=float)
+    noise = NOISE_SE * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+    return float(d.mean()), noise, n
+
+
+def step_result(paper_delta: float, ours_delta: float, noise: float, same_run: bool = False) -> str:
+    """The result of one step: ``agree`` / ``disagree`` (the sign of ``ours_delta`` against the paper's)
+    only when |ours_delta| > ``noise`` (:func:`paired_difference`: 2 standard errors of the paired
+    difference), else ``within noise``; so a change of exactly zero is never ``disagree``. Not counted
+    (:data:`UNCOUNTED`): the paper leaves a cell blank or shows no change, a row has no measurement,
+    fewer than two paired seeds (``noise`` NaN), or both rows resolve to the same runs."""
     if math.isnan(paper_delta):
         return "paper: not reported"
     if paper_delta == 0:
@@ -539,13 +665,25 @@ def step_result(paper_delta: float, ours_delta: float, same_run: bool = False) -
         return "not measured"
     if same_run:
         return "same run"
+    if math.isnan(noise):
+        return "too few seeds"
+    if not abs(ours_delta) > noise:
+        return "within noise"
     return "agree" if _sign(ours_delta) == _sign(paper_delta) else "disagree"
+
+
+def _run_key(row: pd.Series) -> str:
+    """What a row's numbers come from: its seeds' runs, evaluation variant and test data."""
+    return f"{row['runs']}|{row['rerank']}|{row['data']}"
 
 
 def sign_agreement(frame: pd.DataFrame, metric: str = SIGN_METRIC) -> pd.DataFrame:
     """The steps of :data:`STEPS` for a :func:`reproduction_table` frame, one line per (step, dataset):
     ``paper``, ``table``, ``from``, ``to``, ``to_order``, ``what``, ``dataset``, ``metric``, ``paper Δ``,
-    ``ours Δ`` (to - from) and ``result`` (:func:`step_result`). Tables without steps give no lines."""
+    ``ours Δ`` (mean paired difference to - from over the seeds both rows have), ``noise`` (its band,
+    :func:`paired_difference`), ``n`` (paired seeds), ``result`` (:func:`step_result`) and ``pair`` (what
+    the two rows' numbers come from: runs, variant, test data; empty unless both are measured). Tables
+    without steps give no lines."""
     paper, table = frame.attrs["paper"], frame.attrs["table"]
     lines = []
     if f"{metric} paper" in frame.columns:
@@ -555,11 +693,14 @@ def sign_agreement(frame: pd.DataFrame, metric: str = SIGN_METRIC) -> pd.DataFra
                 if a not in rows.index or b not in rows.index:
                     continue
                 paper_delta = float(rows.loc[b, f"{metric} paper"] - rows.loc[a, f"{metric} paper"])
-                ours_delta = float(rows.loc[b, f"{metric} ours"] - rows.loc[a, f"{metric} ours"])
-                same = bool(rows.loc[a, "config"]) and rows.loc[a, "config"] == rows.loc[b, "config"] and \
-                    rows.loc[a, "rerank"] == rows.loc[b, "rerank"]
+                ours_delta, noise, n = paired_difference(rows.loc[a, f"{metric} by seed"],
+                                                         rows.loc[b, f"{metric} by seed"])
+                key_a, key_b = _run_key(rows.loc[a]), _run_key(rows.loc[b])
+                both = rows.loc[a, "status"] == rows.loc[b, "status"] == "measured"
+                same = both and key_a == key_b
                 lines.append([paper, table, _label(frame, a), _label(frame, b), b, what, name, metric,
-                              paper_delta, ours_delta, step_result(paper_delta, ours_delta, same)])
+                              paper_delta, ours_delta, noise, n, step_result(paper_delta, ours_delta, noise, same),
+                              f"{key_a} -> {key_b}" if both else ""])
     return pd.DataFrame(lines, columns=list(STEP_COLUMNS))
 
 
@@ -585,24 +726,40 @@ def status_counts(tables: Mapping[str, Mapping[str, pd.DataFrame | None]]) -> pd
     return pd.DataFrame(rows).T.rename_axis("paper")
 
 
+def mark_repeats(steps: pd.DataFrame) -> pd.DataFrame:
+    """``steps`` with a boolean column ``repeat``: True for a counted line (:data:`COUNTED`) whose pair of
+    runs (column ``pair``) already stands for an earlier counted line of the same paper, so that a pair
+    of runs that stands for several steps counts once."""
+    counted = steps["result"].isin(COUNTED) & steps["pair"].ne("")
+    repeat = counted & steps[counted].duplicated(["paper", "pair"]).reindex(steps.index, fill_value=False)
+    return steps.assign(repeat=repeat.astype(bool))
+
+
 def all_steps(tables: Mapping[str, Mapping[str, pd.DataFrame | None]]) -> pd.DataFrame:
-    """Every step line (:func:`sign_agreement`) of every table (``tables``: paper -> tables)."""
+    """Every step line (:func:`sign_agreement`) of every table (``tables``: paper -> tables), with the
+    column ``repeat`` of :func:`mark_repeats`."""
     frames = [sign_agreement(f) for frames in tables.values() for f in frames.values() if f is not None]
     frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(STEP_COLUMNS))
+    steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(STEP_COLUMNS))
+    return mark_repeats(steps)
 
 
 def sign_summary(tables: Mapping[str, Mapping[str, pd.DataFrame | None]]) -> pd.DataFrame:
-    """Per paper: steps (step x dataset lines), how many were measured (both rows measured, the paper
-    shows a change, different runs), how many agree and disagree, and the agreeing share in percent."""
+    """Per paper: ``steps`` (step x dataset lines), ``measured`` (distinct pairs of runs with a counted
+    result, :data:`COUNTED`), the three counts ``agree`` / ``disagree`` / ``within noise`` (each pair of
+    runs once), ``repeated pair`` (counted lines left out as repetitions), ``agree %`` (agree over
+    measured), and the uncounted lines by reason (:data:`UNCOUNTED`)."""
     steps = all_steps(tables)
     rows = []
     for paper in tables:
-        res = steps.loc[steps["paper"] == paper, "result"]
-        agree, disagree = int((res == "agree").sum()), int((res == "disagree").sum())
-        rows.append({"paper": paper, "steps": len(res), "measured": agree + disagree, "agree": agree,
-                     "disagree": disagree, "agree %": 100.0 * agree / (agree + disagree) if agree + disagree
-                     else math.nan, **{reason: int((res == reason).sum()) for reason in UNCOUNTED}})
+        mine = steps[steps["paper"] == paper]
+        res = mine.loc[~mine["repeat"].astype(bool), "result"]
+        counts = {c: int((res == c).sum()) for c in COUNTED}
+        measured = sum(counts.values())
+        rows.append({"paper": paper, "steps": len(mine), "measured": measured, **counts,
+                     "repeated pair": int(mine["repeat"].astype(bool).sum()),
+                     "agree %": 100.0 * counts["agree"] / measured if measured else math.nan,
+                     **{reason: int((res == reason).sum()) for reason in UNCOUNTED}})
     return pd.DataFrame(rows).set_index("paper")
 
 
@@ -610,21 +767,23 @@ DISPLAY_ID = ("row", "backbone", "dataset")
 
 
 def compact(frame: pd.DataFrame) -> pd.DataFrame:
-    """The columns to read a reproduction table by: row, dataset, paper/ours/Δ per metric, status, sign,
-    reason (provenance and the training command stay in the full frame and its CSV)."""
-    metric_cols = [c for c in frame.columns if c.endswith((" paper", " ours", " Δ"))]
-    keep = [c for c in DISPLAY_ID if c in frame.columns] + metric_cols + ["status", "sign", "reason", "config"]
+    """The columns to read a reproduction table by: row, dataset, paper/ours/sd/Δ per metric, seeds, status,
+    sign, reason (per-seed values, provenance and the training commands stay in the full frame and its CSV)."""
+    metric_cols = [c for c in frame.columns if c.endswith((" paper", " ours", " sd", " Δ"))]
+    keep = [c for c in DISPLAY_ID if c in frame.columns] + metric_cols + ["seeds", "status", "sign", "reason",
+                                                                          "config"]
     return frame[keep]
 
 
 def format_reproduction(frame: pd.DataFrame) -> str:
     """A reproduction table as text: its title, the :func:`compact` columns, and the provenance of the
-    runs it used (data, preset, backbones, initialisation)."""
+    runs it used (first seed's config hash, seeds found/asked, data, backbones, initialisation)."""
     attrs = frame.attrs
     title = f"{attrs['paper']} Table {attrs['table']} ({attrs['kind']}), reproduced in the {attrs['preset']} preset"
     body = compact(frame).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
-    runs = frame[frame["status"] == "measured"][["data", "backbones", "init", "config"]].drop_duplicates()
-    prov = [f"  run {r.config}: data {r.data}, backbones {r.backbones}, init {r.init}" for r in runs.itertuples()]
+    runs = frame[frame["status"] == "measured"][["data", "backbones", "init", "config", "seeds"]].drop_duplicates()
+    prov = [f"  run {r.config} ({r.seeds} seeds): data {r.data}, backbones {r.backbones}, init {r.init}"
+            for r in runs.itertuples()]
     return "\n".join([title, body, *prov])
 
 

@@ -52,14 +52,15 @@ _DRAW_STREAM = 0xD4A3  # the per-item seeds of the batch-field builders (e.g. wh
 # Dataset and tokenizer of a run
 
 
-def prepare_dataset(cfg: Any) -> TBPSDataset:
+def prepare_dataset(cfg: Any, loaded: TBPSDataset | None = None) -> TBPSDataset:
     """Load ``cfg.data.dataset`` and give it a validation split when it has none.
 
     Datasets without one (ICFG-PEDES, the icfg-like synthetic preset) get
     ``hold_out_validation(ds, cfg.data.val_holdout, cfg.seed)``; the note it adds to ``ds.report.notes``
-    travels into the run's metrics.
+    travels into the run's metrics. ``loaded``: the dataset ``cfg.data.dataset`` already loaded (as
+    ``load_dataset`` returns it), so that preparing several seeds reads the files once.
     """
-    ds = load_dataset(cfg.data.dataset, root=cfg.data.root)
+    ds = loaded if loaded is not None else load_dataset(cfg.data.dataset, root=cfg.data.root)
     for split in ("train", "test"):
         if split not in ds.splits:
             raise DatasetError(f"{ds.name} ({ds.root}) has no {split!r} split; present: {list(ds.splits)}")

@@ -5,10 +5,23 @@ file 000), Section 3: matching loss Eq. (5)-(7) and its text-to-image twin, ID l
 adaptive margin Eq. (10) with M1 = M2 = M_i. Scale alpha = 32 and margins 0.4..0.6 are Section 4.2's values.
 
 Notation: v_i image and t_i caption features of pair i ([n, d]); a bar means L2-normalised;
-s_ij = vbar_i . tbar_j. Positives of anchor i: P(i) = {k != i : y_k = y_i} (Section 3.1, "1(y_i = y_j, i != j)");
-negatives: N(i) = {j : y_j != y_i}.
+s_ij = vbar_i . tbar_j. Negatives of anchor i: N(i) = {j : y_j != y_i}.
+
+Positives P(i): the paper's "1(y_i = y_j, i != j)" (Section 3.1), read with its pairs in mind. The paper
+sets up the data as pairs (I_i, T_i) and calls (I_i, T_i) the "perfect pair": "no other text feature will
+have a shorter distance" than t_i (Eq. (1)), and Eq. (5) asks s_ii > s_ik + M1 for every positive k. On
+CUHK-PEDES (and the synthetic stand-in) each image has two captions, so a batch can hold two pairs
+(I, T_a) and (I, T_b) of the *same image*. Counting T_b in P(i) would ask the image to sit a margin closer
+to T_a than to T_b, another description of the very same picture, and (in the text-to-image direction)
+push the caption away from its own image by the margin: a constraint no model can satisfy, which Eq. (1)
+does not intend (both are perfect pairs of I). Here the positives are the *other images'* pairs of the same
+person: P(i) = {k : y_k = y_i, image_k != image_i} when ``image_index`` is given; pairs that share the
+anchor's image are neither positives nor negatives (they drop out of Eq. (5) and Eq. (6)). Without
+``image_index`` every other pair of the person is a positive, as written.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -65,16 +78,68 @@ def _one_direction(sim: Tensor, positive: Tensor, negative: Tensor, margin: Tens
     return pull + push
 
 
+def sew_pair_masks(pids: Tensor, image_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(positive, negative) bool [n, n] masks of the Sew matching loss: ``positive[i, k]`` = k in P(i)
+    (same person, k != i, and, when ``image_index`` is given, another image than i's; see the module
+    docstring), ``negative[i, j]`` = j in N(i) (another person). Both are symmetric."""
+    if image_index is not None and image_index.shape != pids.shape:
+        raise ValueError(f"sew_pair_masks: image_index must have the shape of pids {tuple(pids.shape)}, got "
+                         f"{tuple(image_index.shape)}")
+    same = pids.unsqueeze(1) == pids.unsqueeze(0)
+    other = ~torch.eye(len(pids), dtype=torch.bool, device=pids.device)
+    if image_index is not None:
+        other = other & (image_index.unsqueeze(1) != image_index.unsqueeze(0)).to(pids.device)
+    return same & other, ~same
+
+
+@torch.no_grad()
+def sew_positive_census(image: Tensor, text: Tensor, pids: Tensor, image_index: Tensor, margin: float | Tensor,
+                        alpha: float = 32.0) -> dict[str, float]:
+    """What Eq. (5) does to one batch, image-to-text, for the two readings of P(i): a diagnostic.
+
+    Returns: ``anchors``; ``same-image share``: the fraction of (anchor, positive) pairs under the literal
+    reading (every other pair of the person) whose positive caption describes the anchor's own image;
+    ``anchors with only same-image positives``; mean cosines ``s_ii`` (own caption), ``s_ik same image``,
+    ``s_ik other image``, ``s_ij negative``; ``violated (literal)`` / ``violated (other images)``: the
+    fraction of Eq. (5) terms with s_ik - s_ii + M > 0 (the constraint not met); ``pull (literal)`` and
+    ``pull (other images)``: Eq. (5) averaged over the anchors. Features are normalised here; ``margin`` as
+    in :func:`sew_matching_loss`.
+    """
+    n = image.shape[0]
+    m = _margin_column(margin, n, image, "sew_positive_census")
+    literal, negative = sew_pair_masks(pids)
+    others, _ = sew_pair_masks(pids, image_index)
+    same_image = literal & ~others
+    sim = F.normalize(image.float(), dim=1) @ F.normalize(text.float(), dim=1).T
+    anchor = sim.diagonal().unsqueeze(1)
+    slack = sim - anchor + m  # > 0: Eq. (5)'s constraint s_ii > s_ik + M is violated
+
+    def mean(x: Tensor, mask: Tensor) -> float:
+        return float(x[mask].mean()) if mask.any() else math.nan
+
+    def pull(mask: Tensor) -> float:
+        return float(F.softplus(_masked_logsumexp(alpha * slack, mask)).mean())
+
+    return {"anchors": float(n), "same-image share": float(same_image.sum() / literal.sum().clamp(min=1)),
+            "anchors with only same-image positives": float((same_image.any(1) & ~others.any(1)).float().mean()),
+            "s_ii": float(anchor.mean()), "s_ik same image": mean(sim, same_image),
+            "s_ik other image": mean(sim, others), "s_ij negative": mean(sim, negative),
+            "violated (literal)": mean((slack > 0).float(), literal),
+            "violated (other images)": mean((slack > 0).float(), others),
+            "pull (literal)": pull(literal), "pull (other images)": pull(others)}
+
+
 @full_precision
 def sew_matching_loss(image: Tensor, text: Tensor, pids: Tensor, margin: float | Tensor,
-                      alpha: float = 32.0) -> Tensor:
+                      alpha: float = 32.0, image_index: Tensor | None = None) -> Tensor:
     """Sew matching loss L_match^I2T (Eq. (7) = pull Eq. (5) + push Eq. (6)) + its text-to-image twin.
 
     Features are L2-normalised here. Image-to-text: anchor image i, pair caption t_i, positive captions
     t_k (k in P(i)), negative captions t_j (j in N(i)); text-to-image swaps the modalities. ``margin`` is
     a float (Sew-F) or a tensor of per-pair margins M_i ([n], e.g. :func:`adaptive_margin`), used as
     M1 = M2 = M_i for anchor i in both directions (Section 3.3). The result is the mean over the n anchors
-    of (I2T + T2I).
+    of (I2T + T2I). ``image_index`` [n] (which image each pair shows): pairs that show the anchor's own
+    image are not positives (module docstring, "Positives P(i)"); None = every other pair of the person.
 
     An anchor without another positive in the batch (K = 0) gets empty sums in Eq. (5) and Eq. (6), i.e.
     log(1 + 0) = 0: it contributes 0 (and no gradient) but still counts in the mean; likewise an anchor
@@ -86,9 +151,7 @@ def sew_matching_loss(image: Tensor, text: Tensor, pids: Tensor, margin: float |
         raise ValueError(f"sew_matching_loss: alpha must be > 0, got {alpha}")
     n = image.shape[0]
     m = _margin_column(margin, n, image, "sew_matching_loss")
-    same = pids.unsqueeze(1) == pids.unsqueeze(0)
-    positive = same & ~torch.eye(n, dtype=torch.bool, device=same.device)
-    negative = ~same
+    positive, negative = sew_pair_masks(pids, image_index)
     sim = F.normalize(image, dim=1) @ F.normalize(text, dim=1).T  # sim[i, j] = vbar_i . tbar_j
     i2t = _one_direction(sim, positive, negative, m, alpha)
     t2i = _one_direction(sim.T, positive, negative, m, alpha)  # the masks are symmetric

@@ -41,6 +41,12 @@ Choices the paper leaves open (all config fields, documented here):
 * The decoder is one post-norm transformer layer of the text encoder's width (``decoder_heads`` heads, 0 = one
   per 64 channels); image patch tokens are projected to that width by a linear layer. Eq. (11) sums over a
   caption's masked tokens; the batch loss is the mean over captions.
+* The positives P(i) of Eq. (5)-(6) are the person's pairs that show *another image* than the anchor's: with
+  two captions per image, the other caption of the anchor's own image is a second "perfect pair" of that
+  image (Eq. (1)), not a positive to be kept a margin further away (``tbps_lib/losses/sew.py``, "Positives
+  P(i)"). ``model.same_image_positives=true`` restores the literal reading (every other pair of the
+  person); ``tbps_lib.analysis.diagnostics.sew_batch_diagnostic`` measures how much of Eq. (5) that
+  reading spends on same-image captions.
 * T_i in Eq. (10) is the caption's length in words (punctuation not counted, ``batch["word_lengths"]``).
   T_min/T_max are the paper's values for CUHK-PEDES (20-60), ICFG-PEDES (25-65) and RSTPReid (22-60); for
   other data (``t_min = t_max = 0`` in the config) the run fills them with the 5th and 95th percentiles of
@@ -92,6 +98,7 @@ class SewMCMConfig(MethodConfig):
     t_max: float = 0.0
     t_source: str = ""  # where t_min/t_max come from (filled with them)
     alpha: float = 32.0  # scale of Eq. (7) and Eq. (8)
+    same_image_positives: bool = False  # True: the anchor's own image's other captions are in P(i) (module docstring)
     mcm: str = "full"  # Table 5 variant, see the module docstring
     mask_ratio: float = 0.1
     decoder_heads: int = 0  # 0 = text width // 64
@@ -273,7 +280,9 @@ class SewMCM(DualEncoder):
         weight = self.classifier_weight(batch["labels"])
         if m.matching == "sew":
             margin = self.margins(batch)
-            terms = {"match": sew_matching_loss(image, text, batch["pids"], margin, m.alpha),  # Eq. (5)-(7)
+            same_image = None if m.same_image_positives else batch["image_index"]
+            terms = {"match": sew_matching_loss(image, text, batch["pids"], margin, m.alpha,  # Eq. (5)-(7)
+                                                image_index=same_image),
                      "id": sew_id_loss(image, text, batch["labels"], weight, margin, m.alpha)}  # Eq. (8)-(9)
         else:
             terms = {"cmpm": cmpm_loss(image, text, batch["pids"], eps=m.cmpm_eps),
