@@ -399,3 +399,16 @@ def test_more_seeds_read_each_dataset_once(data, registry_dir, monkeypatch):
     monkeypatch.setattr(catalog, "load_dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
     frame = reproduction_table(FAKE, "A", lookup=_lookup(data, root, seeds=3))
     assert (frame["status"] == "measured").sum() == 2 and len(calls) == 1  # 2 rows x 3 seeds, one read
+
+
+def test_reproduction_rows_mark_runs_made_by_other_code(data, registry_dir, monkeypatch):
+    from tbps_lib.engine import runs
+
+    root, _ = registry_dir
+    fresh = reproduction_table(FAKE, "A", lookup=_lookup(data, root))
+    assert (fresh["stale"].iloc[:2] == "").all() and "stale" not in fresh["reason"].iloc[0]
+    monkeypatch.setattr(runs, "sources_hash", lambda package_dir=None: "f" * 16)  # as if the library changed
+    frame = reproduction_table(FAKE, "A", lookup=_lookup(data, root))
+    line = _line(frame, 1)
+    assert line["status"] == "measured" and line["stale"] == "2/2"
+    assert "stale run(s) of seed(s) [0, 1]" in line["reason"]

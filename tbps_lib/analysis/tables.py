@@ -508,7 +508,7 @@ def measure_row(plan: RowPlan, dataset: str, lookup: RunLookup) -> dict[str, Any
 
     out: dict[str, Any] = {"status": plan.status, "reason": plan.reason, "metrics": {}, "sd": {}, "by_seed": [],
                            "runs": (), "seeds": "", "data": "", "backbones": "", "init": "", "config": "",
-                           "rerank": plan.rerank or "", "train": ""}
+                           "rerank": plan.rerank or "", "train": "", "stale": ""}
     if plan.status:
         return out
     found: list[tuple[int, Run, Config]] = []
@@ -542,8 +542,14 @@ def measure_row(plan: RowPlan, dataset: str, lookup: RunLookup) -> dict[str, Any
     mean = {k: float(pd.Series([m[k] for m in measured]).mean()) for k in names}
     sd = {k: float(pd.Series([m[k] for m in measured]).std(ddof=1)) if len(measured) > 1 else math.nan
           for k in names}
+    stale = [seed for seed, run, _ in found if run.stale]  # made by other code than the current library
+    reason = out["reason"]
+    if stale:
+        reason = "; ".join(filter(None, [reason, f"stale run(s) of seed(s) {stale}: made by other code "
+                                         "(`tbps runs list --stale`; retrain with TBPS_STALE=retrain)"]))
     return {**out, "status": "measured", "metrics": mean, "sd": sd, "by_seed": by_seed, "runs": tuple(runs),
-            "config": runs[found[0][0]]}
+            "config": runs[found[0][0]], "stale": f"{len(stale)}/{len(found)}" if stale else "",
+            "reason": reason}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -615,7 +621,7 @@ def reproduction_table(paper: str, table: str | int, dataset: str | None = None,
             rec.update({f"{m} by seed": tuple(_ours(s, m) for s in result["by_seed"]) for m in metrics})
             rec.update(runs=",".join(result["runs"]), data=result["data"], preset=preset,
                        backbones=result["backbones"], init=result["init"], config=result["config"],
-                       rerank=result["rerank"], train=result["train"])
+                       rerank=result["rerank"], train=result["train"], stale=result["stale"])
             records.append(rec)
     frame = pd.DataFrame.from_records(records)
     frame.attrs = {"paper": paper, "table": info["table"], "caption": info["caption"], "kind": info["kind"],
