@@ -18,12 +18,20 @@ cosine similarities computed once per gallery and kept, and ``k_reciprocal`` thr
 that caption; for ``k_reciprocal`` the other test captions are not part of the neighbourhood graph, so its
 scores differ from the all-queries evaluation.
 
+Galleries: a dataset split of a run (:meth:`CaptionSearch.from_run`), or any folder of images
+(``from_run(run, gallery=DIR)``, :meth:`CaptionSearch.from_folder`, and :meth:`CaptionSearch.from_file` for
+a run exported with ``tbps export``), indexed and cached by ``tbps_lib.gallery``; scoring does not depend on
+where the gallery came from (it is an :class:`~tbps_lib.engine.evaluate.Encoded` either way). A folder
+gallery has no person ids (-1) and no captions, so results have no ``match`` and there is no random query.
+
 Ties are broken by the lower gallery index, as in ``engine.metrics`` (the faiss path excepted: faiss orders
 exact ties its own way).
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -37,7 +45,9 @@ from tbps_lib.data.text import CaptionTokenizer, caption_words
 from tbps_lib.engine import rerank as rerank_lib
 from tbps_lib.engine.evaluate import RERANKERS, Encoded, autocast_context, rerank_similarity, to_device
 from tbps_lib.engine.rerank import stable_topk
+from tbps_lib.gallery import FolderGallery, index_folder
 from tbps_lib.models.base import RetrievalModel
+from tbps_lib.utils import cache_home
 
 #: Galleries at least this large use faiss (when installed) on the fast path; below it torch is as fast
 #: (benchmarks/search_latency.py measures both).
@@ -46,6 +56,9 @@ FAISS_MIN_GALLERY = 100_000
 RERANK_MAX_GALLERY = 16_384
 #: Columns of a search result, in order.
 RESULT_COLUMNS = ("rank", "image", "pid", "score", "match", "gallery_index")
+#: Folder-gallery embeddings of a run are cached in ``<run>/galleries/``; those of an exported file under
+#: ``<cache home>/galleries/<weights hash>/``.
+GALLERY_CACHE_DIR = "galleries"
 
 
 class SearchInputError(ValueError):
@@ -127,8 +140,9 @@ class CaptionSearch:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: CaptionTokenizer, encoded: Encoded,
-                 backend: str = "auto", name: str = "") -> None:
+                 backend: str = "auto", name: str = "", folder_gallery: FolderGallery | None = None) -> None:
         self.model = model.eval()
+        self.folder_gallery = folder_gallery  # the folder's files and skip report (folder galleries only)
         self.tokenizer = tokenizer
         self.encoded = encoded
         self.name = name
@@ -140,10 +154,50 @@ class CaptionSearch:
         self._truth = _caption_truth(encoded.captions, encoded.query_pids.tolist())
 
     @classmethod
-    def from_run(cls, run: Any, split: str = "test", backend: str = "auto") -> "CaptionSearch":
+    def from_run(cls, run: Any, split: str = "test", backend: str = "auto",
+                 gallery: str | os.PathLike | None = None, fit: str = "stretch",
+                 progress: bool = False) -> "CaptionSearch":
         """The gallery of ``split`` (every image of the split) with the run's selected model and tokenizer;
-        the encodings come from the run's embedding cache (computed once)."""
-        return cls(run.model, run.tokenizer, run.embeddings(split), backend=backend, name=f"{run.name}/{split}")
+        the encodings come from the run's embedding cache (computed once).
+
+        ``gallery``: a folder of images searched instead of the split (``split`` is then unused), indexed at
+        the run's ``image.img_size`` with ``fit`` and cached in ``<run>/galleries/`` (see ``tbps_lib.gallery``).
+        """
+        if gallery is None:
+            return cls(run.model, run.tokenizer, run.embeddings(split), backend=backend, name=f"{run.name}/{split}")
+        ckpt = run._checkpoint_id()
+        return cls.from_folder(run.model, run.tokenizer, gallery, run.config.image.img_size,
+                               cache_dir=run.dir / GALLERY_CACHE_DIR,
+                               model_key=f"{run.name}@epoch{ckpt['epoch']}-step{ckpt['step']}", fit=fit,
+                               backend=backend, name=run.name, progress=progress)
+
+    @classmethod
+    def from_folder(cls, model: torch.nn.Module, tokenizer: CaptionTokenizer, folder: str | os.PathLike,
+                    img_size: Sequence[int], cache_dir: str | os.PathLike | None = None, model_key: str = "",
+                    fit: str = "stretch", backend: str = "auto", name: str = "", progress: bool = False,
+                    batch_size: int = 64, num_workers: int = 0) -> "CaptionSearch":
+        """Every usable image under ``folder`` (``tbps_lib.gallery.index_folder``: recursive, bad files skipped
+        and listed in ``.folder_gallery.skipped``, embeddings cached in ``cache_dir`` under ``model_key``)."""
+        found = index_folder(model, folder, img_size, cache_dir, model_key, fit, batch_size, num_workers, progress)
+        label = f"{name}/{found.folder.name}" if name else str(found.folder)
+        return cls(model, tokenizer, found.to_encoded(), backend=backend, name=label, folder_gallery=found)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, gallery: str | os.PathLike, device: str | None = None,
+                  backend: str = "auto", fit: str = "stretch", cache_dir: str | os.PathLike | None = None,
+                  progress: bool = False) -> "CaptionSearch":
+        """A folder ``gallery`` searched with a run exported by ``tbps export`` (``tbps_lib.export``); no run
+        registry or dataset is needed. The folder's embeddings are cached in ``cache_dir``, by default
+        ``$TBPS_CACHE/galleries/<weights hash>`` (``~/.cache/tbps_lib/...``)."""
+        from tbps_lib.export import load_exported
+
+        exported = load_exported(path, device)
+        key = f"sha256:{exported.weights_sha256}"
+        cache = Path(cache_dir) if cache_dir is not None else (
+            cache_home() / GALLERY_CACHE_DIR / exported.weights_sha256[:16])
+        return cls.from_folder(exported.model, exported.tokenizer, gallery, exported.config.image.img_size,
+                               cache_dir=cache, model_key=key, fit=fit, backend=backend, name=exported.name,
+                               progress=progress)
 
     def __repr__(self) -> str:
         return (f"CaptionSearch({self.name!r}, gallery={self.gallery_size}, "
@@ -184,7 +238,10 @@ class CaptionSearch:
         return self._truth.get(caption.strip())
 
     def random_query(self, rng: np.random.Generator) -> tuple[str, int]:
-        """A caption of the split drawn with ``rng`` and the id of the person it describes."""
+        """A caption of the split drawn with ``rng`` and the id of the person it describes (a folder
+        gallery has no captions: :class:`SearchInputError`)."""
+        if self.encoded.n_queries == 0:
+            raise SearchInputError("this gallery has no captions to draw from (a folder of images); type one")
         i = int(rng.integers(self.encoded.n_queries))
         return self.encoded.captions[i], int(self.encoded.query_pids[i])
 
@@ -303,6 +360,6 @@ def _caption_truth(captions: Sequence[str], pids: Sequence[int]) -> dict[str, in
     return {c: next(iter(p)) for c, p in seen.items() if len(p) == 1}
 
 
-__all__ = ["FAISS_MIN_GALLERY", "RERANK_MAX_GALLERY", "RESULT_COLUMNS", "SearchInputError", "faiss_available",
+__all__ = ["FAISS_MIN_GALLERY", "RERANK_MAX_GALLERY", "RESULT_COLUMNS", "GALLERY_CACHE_DIR", "SearchInputError", "faiss_available",
            "GalleryIndex", "uses_default_scoring", "CaptionSearch", "true_rank",
            "summary_line"]
