@@ -352,7 +352,7 @@ class SearchApp:
         for widget, css in ((self.caption, "tbps-caption"), (self.search_button, "tbps-search"),
                             (self.random_button, "tbps-random"), (self.results, "tbps-results"),
                             (self.status, "tbps-status"), (self.heatmap_view, "tbps-heatmap"),
-                            (self.gallery_path, "tbps-gallery-path"), (self.gallery_button, "tbps-gallery-button"),
+                            (self.gallery_select, "tbps-gallery-select"), (self.gallery_path, "tbps-gallery-path"), (self.gallery_button, "tbps-gallery-button"),
                             (self.skipped_view, "tbps-skipped")):
             widget.add_class(css)
         self._true_pid: int | None = None
