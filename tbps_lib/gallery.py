@@ -13,7 +13,7 @@ Files nobody checked:
   (decompression-bomb guard, checked from the header before any pixel is decoded), one below
   ``MIN_IMAGE_SIDE`` pixels on a side, an unreadable file, a broken symbolic link. Symbolic links to files
   are followed (read only); symbolic links to folders are not (no loops) and are listed.
-* Modes are converted where sensible: 16-bit and 32-bit grayscale scaled to 8 bits, CMYK, palette, grayscale
+* Camera photos are turned upright by their EXIF orientation tag. Modes are converted where sensible: 16-bit and 32-bit grayscale scaled to 8 bits, CMYK, palette, grayscale
   and two-level to RGB, transparency (RGBA, LA, palette with a transparent colour) composited over white.
 
 Transforms (``fit``): ``"stretch"`` (default) is the training transform (``data.loaders.image_tensor``:
@@ -44,7 +44,7 @@ from typing import Any, BinaryIO, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -187,6 +187,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (camera photos are often stored sideways); unchanged
+    when there is no tag or the EXIF data cannot be read."""
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception:  # a damaged EXIF block is no reason to drop the picture
+        return img
+
+
 def fit_image(img: Image.Image, size: tuple[int, int], fit: str = "stretch") -> Tensor:
     """uint8 [3, H, W] of an RGB image at ``size`` = (height, width): ``"stretch"`` is the training
     transform; ``"pad"`` pads to the input's aspect ratio with the ImageNet mean colour first."""
@@ -217,7 +226,7 @@ def decode_image(path: str | os.PathLike, size: tuple[int, int], fit: str = "str
                 if min(width, height) < MIN_IMAGE_SIDE:
                     raise BadImageError(f"too small: {width}x{height} pixels (at least {MIN_IMAGE_SIDE} a side)")
                 img.load()
-                return fit_image(to_rgb(img), size, fit)
+                return fit_image(to_rgb(upright(img)), size, fit)
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -440,5 +449,5 @@ def index_folder(model: torch.nn.Module, folder: str | os.PathLike, img_size: Se
 
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "FITS", "BadImageError", "GalleryError",
-           "EmptyGalleryError", "FolderFile", "SkippedFile", "FolderScan", "scan_folder", "to_rgb", "fit_image",
+           "EmptyGalleryError", "FolderFile", "SkippedFile", "FolderScan", "scan_folder", "to_rgb", "upright", "fit_image",
            "decode_image", "encode_files", "FolderGallery", "folder_key", "index_folder"]

@@ -156,12 +156,13 @@ class CaptionSearch:
     @classmethod
     def from_run(cls, run: Any, split: str = "test", backend: str = "auto",
                  gallery: str | os.PathLike | None = None, fit: str = "stretch",
-                 progress: bool = False) -> "CaptionSearch":
+                 progress: bool = True) -> "CaptionSearch":
         """The gallery of ``split`` (every image of the split) with the run's selected model and tokenizer;
         the encodings come from the run's embedding cache (computed once).
 
         ``gallery``: a folder of images searched instead of the split (``split`` is then unused), indexed at
-        the run's ``image.img_size`` with ``fit`` and cached in ``<run>/galleries/`` (see ``tbps_lib.gallery``).
+        the run's ``image.img_size`` with ``fit`` and cached in ``<run>/galleries/`` (see ``tbps_lib.gallery``);
+        ``progress`` shows a progress bar while files are encoded.
         """
         if gallery is None:
             return cls(run.model, run.tokenizer, run.embeddings(split), backend=backend, name=f"{run.name}/{split}")
@@ -174,7 +175,7 @@ class CaptionSearch:
     @classmethod
     def from_folder(cls, model: torch.nn.Module, tokenizer: CaptionTokenizer, folder: str | os.PathLike,
                     img_size: Sequence[int], cache_dir: str | os.PathLike | None = None, model_key: str = "",
-                    fit: str = "stretch", backend: str = "auto", name: str = "", progress: bool = False,
+                    fit: str = "stretch", backend: str = "auto", name: str = "", progress: bool = True,
                     batch_size: int = 64, num_workers: int = 0) -> "CaptionSearch":
         """Every usable image under ``folder`` (``tbps_lib.gallery.index_folder``: recursive, bad files skipped
         and listed in ``.folder_gallery.skipped``, embeddings cached in ``cache_dir`` under ``model_key``)."""
@@ -185,7 +186,7 @@ class CaptionSearch:
     @classmethod
     def from_file(cls, path: str | os.PathLike, gallery: str | os.PathLike, device: str | None = None,
                   backend: str = "auto", fit: str = "stretch", cache_dir: str | os.PathLike | None = None,
-                  progress: bool = False) -> "CaptionSearch":
+                  progress: bool = True) -> "CaptionSearch":
         """A folder ``gallery`` searched with a run exported by ``tbps export`` (``tbps_lib.export``); no run
         registry or dataset is needed. The folder's embeddings are cached in ``cache_dir``, by default
         ``$TBPS_CACHE/galleries/<weights hash>`` (``~/.cache/tbps_lib/...``)."""

@@ -116,6 +116,17 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert image[:, 2, 4].tolist() == [128] * 3 and image[:, 13, 4].tolist() == [255] * 3
 
 
+def test_camera_photos_are_turned_upright_by_their_exif_tag(tmp_path):
+    sideways = Image.new("RGB", (32, 16), (0, 0, 200))
+    sideways.paste((200, 0, 0), (0, 0, 16, 16))  # red on the left: upright, red is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    sideways.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    image = decode_image(tmp_path / "phone.jpg", SIZE)
+    assert image[0, 2, 4] > 150 and image[2, 2, 4] < 80  # top: red
+    assert image[2, 13, 4] > 150 and image[0, 13, 4] < 80  # bottom: blue
+
+
 def test_transparency_is_composited_over_white():
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
