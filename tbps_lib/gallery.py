@@ -230,7 +230,7 @@ def decode_image(path: str | os.PathLike, size: tuple[int, int], fit: str = "str
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"too large (decompression-bomb guard): {e}") from None
+        raise BadImageError(f"too large (decompression-bomb guard): {str(e).split(', could')[0]}") from None
     except UnidentifiedImageError:
         raise BadImageError("not an image (or a format Pillow cannot read)") from None
     except PermissionError:
