@@ -119,7 +119,7 @@ def scan_folder(folder: str | os.PathLike) -> FolderScan:
     """List the images under ``folder`` (recursively, sorted by relative path) without opening them.
 
     Broken symbolic links, empty files, files that cannot be examined, anything that is not a regular file,
-    and symbolic links to folders (not followed) go to ``skipped``.
+    sub-folders that cannot be listed, and symbolic links to folders (not followed) go to ``skipped``.
     """
     root = Path(folder).expanduser()
     if not root.exists():
@@ -130,7 +130,12 @@ def scan_folder(folder: str | os.PathLike) -> FolderScan:
     files: list[FolderFile] = []
     skipped: list[SkippedFile] = []
     ignored = 0
-    for here, dirs, names in os.walk(root, followlinks=False):
+    def unreadable(error: OSError) -> None:  # a sub-folder that cannot be listed is reported, not dropped
+        where = Path(error.filename or root)
+        rel = where.relative_to(root).as_posix() if where != root else "."
+        skipped.append(SkippedFile(rel, f"folder cannot be read: {error.strerror or error}"))
+
+    for here, dirs, names in os.walk(root, onerror=unreadable, followlinks=False):
         dirs.sort()
         base = Path(here)
         for d in dirs:

@@ -204,6 +204,23 @@ def test_symlinks_to_files_are_followed_and_to_folders_listed(trained, tmp_path)
     assert [(s.path, s.reason) for s in found.skipped] == [("linked_dir", "symbolic link to a folder (not followed)")]
 
 
+def test_an_unlistable_subfolder_is_reported(tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    _person(folder / "a.png")
+    (folder / "private").mkdir()
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "private":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    scan = scan_folder(folder)
+    assert [f.path for f in scan.files] == ["a.png"]
+    assert [(s.path, s.reason) for s in scan.skipped] == [("private", "folder cannot be read: Permission denied")]
+
+
 def test_the_folder_is_never_modified(trained, tmp_path, monkeypatch):
     folder = _bad_folder(tmp_path / "photos")
     _lock(monkeypatch, "locked.png")
