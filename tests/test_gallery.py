@@ -359,6 +359,14 @@ def test_export_then_load_on_a_clean_registry_ranks_the_same(trained, tmp_path, 
     assert not (tmp_path / "no-registry").exists()
 
 
+def test_weights_digest_covers_scalars_and_every_dtype():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # a 0-dim long buffer
+    model.register_buffer("bf16", torch.ones(2, dtype=torch.bfloat16))
+    first = weights_digest(model)
+    model[1].num_batches_tracked += 1
+    assert weights_digest(model) != first and len(first) == 64
+
+
 def _rewrite(path: Path, out: Path, **changes) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
