@@ -159,7 +159,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 print(f"  ... and {len(folder.skipped) - SKIPPED_SHOWN} more (all of them with --json)",
                       file=sys.stderr)
         print(f"{searcher.name}: {summary_line(table)}")
-        print(table.drop(columns=["gallery_index"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        hidden = ["gallery_index"] + (["pid", "match"] if folder is not None else [])  # unknown in a folder
+        print(table.drop(columns=hidden).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
 
 

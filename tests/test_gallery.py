@@ -417,6 +417,7 @@ def test_cli_search_a_folder_prints_the_skip_summary(trained, tmp_path, capsys):
     assert "12 images (2 skipped)" in captured.err and "skipped broken.jpg: not an image" in captured.err
     lines = captured.out.strip().splitlines()
     assert lines[0].startswith(f"{trained.name}/photos: 3 results in") and len(lines) == 5
+    assert lines[1].split() == ["rank", "image", "score"]  # no person ids in a folder
 
 
 def test_cli_export_and_search_the_file_as_json(trained, tmp_path, capsys, monkeypatch):
