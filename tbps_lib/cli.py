@@ -4,7 +4,9 @@
 ``tbps train`` trains (or resumes, or just loads) the run of a method/dataset/preset plus ``--set`` changes;
 ``tbps eval RUN_DIR`` evaluates a run's selected checkpoint on a split, optionally re-ranked;
 ``tbps runs list`` tables the run registry;
-``tbps search RUN_DIR "caption"`` ranks a run's test gallery for a caption (``tbps_lib.search``).
+``tbps search RUN "caption" [--gallery DIR]`` ranks a run's test gallery, or a folder of images, for a caption
+(``tbps_lib.search``; RUN is a run folder or a file written by ``tbps export``);
+``tbps export RUN_DIR --out model.tbps`` writes a trained run as one portable file (``tbps_lib.export``).
 Each sub-command is a small function over the library; errors in the input are printed as one clear line
 (exit status 2), never as a traceback.
 """
@@ -21,6 +23,10 @@ from tbps_lib.data.catalog import load_dataset
 from tbps_lib.engine.evaluate import RERANKERS, RESCORE
 from tbps_lib.engine.metrics import METRIC_NAMES
 from tbps_lib.data.formats import READERS, DatasetError, split_counts
+
+
+#: Skipped files of a folder gallery listed by ``tbps search`` (the rest are counted).
+SKIPPED_SHOWN = 20
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -125,19 +131,52 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """Print the top-k gallery images of a run's split for a caption (or them as JSON)."""
+    """Print the top-k images of a run's split, or of a folder (``--gallery``), for a caption (or as JSON).
+    With a folder, a summary of the skipped files goes to stderr (all of them in the JSON)."""
     from tbps_lib.engine.runs import load_run
+    from tbps_lib.export import is_exported_file
     from tbps_lib.search import CaptionSearch, summary_line
 
-    searcher = CaptionSearch.from_run(load_run(args.run_dir, device=args.device), args.split)
+    progress = not args.json and sys.stderr.isatty()
+    if is_exported_file(args.run):
+        if args.gallery is None:
+            raise ValueError(f"{args.run} is an exported model: give the folder to search with --gallery DIR")
+        searcher = CaptionSearch.from_file(args.run, args.gallery, device=args.device, fit=args.fit,
+                                           progress=progress)
+    else:
+        searcher = CaptionSearch.from_run(load_run(args.run, device=args.device), args.split, gallery=args.gallery,
+                                          fit=args.fit, progress=progress)
     table = searcher.search(args.caption, k=args.k, rerank=args.rerank)
+    folder = searcher.folder_gallery
     if args.json:
         attrs = {k: table.attrs[k] for k in ("caption", "k", "rerank", "scoring", "true_pid", "unknown_words",
                                              "latency_ms", "gallery")}
+        if folder is not None:
+            attrs["skipped"] = folder.skip_report().to_dict(orient="records")
         print(json.dumps({**attrs, "results": table.to_dict(orient="records")}, indent=2))
     else:
+        if folder is not None:
+            print(folder.summary(), file=sys.stderr)
+            for item in folder.skipped[:SKIPPED_SHOWN]:
+                print(f"  skipped {item.path}: {item.reason}", file=sys.stderr)
+            if len(folder.skipped) > SKIPPED_SHOWN:
+                print(f"  ... and {len(folder.skipped) - SKIPPED_SHOWN} more (all of them with --json)",
+                      file=sys.stderr)
         print(f"{searcher.name}: {summary_line(table)}")
-        print(table.drop(columns=["gallery_index"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        hidden = ["gallery_index"] + (["pid", "match"] if folder is not None else [])  # unknown in a folder
+        print(table.drop(columns=hidden).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a finished run as one portable file (weights, config, tokenizer, method, metrics)."""
+    from tbps_lib.engine.runs import load_run
+    from tbps_lib.export import export_run
+
+    run = load_run(args.run_dir, device="cpu")
+    path = export_run(run, args.out)
+    print(f"{run.name} -> {path} ({path.stat().st_size / 2**20:.1f} MiB); search a folder with: "
+          f"tbps search {path} \"caption\" --gallery DIR")
     return 0
 
 
@@ -250,9 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print metrics and provenance as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("search", help="rank a trained run's gallery for a caption")
-    p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
+    p = sub.add_parser("search", help="rank a trained run's gallery, or a folder of images, for a caption")
+    p.add_argument("run", help="the run folder (as printed by tbps train) or a file written by tbps export")
     p.add_argument("caption", help="the description of a person, in quotes")
+    p.add_argument("--gallery", default=None, metavar="DIR",
+                   help="search the images under this folder (recursively; .jpg .jpeg .png .webp .bmp) instead of "
+                        "the run's split; embeddings are cached, bad files skipped and listed")
+    p.add_argument("--fit", default="stretch", choices=["stretch", "pad"],
+                   help="folder images: stretch to the input size as in training (default) or pad to its aspect "
+                        "ratio first")
     p.add_argument("--k", type=int, default=10, help="how many images to list (default 10)")
     p.add_argument("--rerank", default=None, choices=[*RERANKERS, RESCORE],
                    help="re-rank the scores (visual neighbourhoods, k-reciprocal, or the method's second stage)")
@@ -260,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda ... (default $TBPS_DEVICE or auto)")
     p.add_argument("--json", action="store_true", help="print the query details and results as JSON")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="write a trained run as one portable file (safetensors + JSON header)")
+    p.add_argument("run_dir", help="the run folder (as printed by tbps train)")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.tbps")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("figures", help="regenerate every registered method's figures from the run registry")
     p.add_argument("--methods", nargs="+", default=["baseline", "sew_mcm"],

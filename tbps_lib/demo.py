@@ -2,12 +2,14 @@
 
 Two layers, so that the logic is tested without a browser:
 
-* :class:`SearchController` - the app's logic in plain Python: which runs can be searched, loading one,
-  running a search, drawing a random test caption (whose person is then known), and the word-level
+* :class:`SearchController` - the app's logic in plain Python: which runs can be searched (run folders
+  or files written by ``tbps export``), loading one, choosing the gallery (the run's dataset split or a folder
+  of images, indexed by ``tbps_lib.gallery`` with bad files skipped and listed), running a search, drawing a random test caption (whose person is then known), and the word-level
   heatmap of a result. Every call returns an outcome with a message for the person using the app;
   problems (empty input, a caption of unknown words only, a run that is missing or does not load) become
   friendly messages, never tracebacks.
-* :class:`SearchApp` - the widgets (run selector, caption box searched on Enter or with the button, top-k
+* :class:`SearchApp` - the widgets (run selector, gallery chooser with a folder path box and a collapsible
+  list of skipped files, caption box searched on Enter or with the button, top-k
   slider, re-ranking selector, "random test caption" button, a grid of result images with rank and score,
   framed green or red when the described person is known, a heatmap panel and a status line with the
   latency), wired to a controller. Display it as the last expression of a notebook cell.
@@ -37,6 +39,7 @@ from tbps_lib.data.loaders import load_image, normalize_image
 from tbps_lib.data.text import caption_words
 from tbps_lib.engine.evaluate import RERANKERS
 from tbps_lib.engine.runs import Run, list_runs, load_run, runs_root
+from tbps_lib.export import is_exported_file
 from tbps_lib.search import CaptionSearch, SearchInputError, summary_line
 
 log = logging.getLogger(__name__)
@@ -73,8 +76,9 @@ def attention_heatmap(search: CaptionSearch, caption: str, gallery_index: int) -
     delta = dict(zip(scored, per_word.scores.float().cpu().tolist()))
     return WordHeatmap([(w, max(delta.get(i, 0.0), 0.0)) for i, w in enumerate(words)],
                        overlay(image, whole.maps[0]))
-#: Errors of opening a run that the app reports as a message (missing folder or files, weights that no
-#: longer fit the model code, a config of an unknown method, an unreadable dataset).
+#: Errors of opening a run or a gallery that the app reports as a message (missing folder or files, weights
+#: that no longer fit the model code, a config of an unknown method, an unreadable dataset, a gallery folder
+#: with no usable image).
 RUN_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError)
 
 
@@ -144,19 +148,22 @@ class HeatmapOutcome:
 
 
 class SearchController:
-    """The demo's logic: a set of runs (name -> folder), the loaded searches, and the last result.
+    """The demo's logic: a set of runs (name -> folder), the gallery, the loaded searches, the last result.
 
-    ``runs`` maps a display label to a run folder; a folder that is missing, unfinished or no longer
-    loadable gives a message when it is selected. ``seed`` makes the random test captions reproducible.
+    ``runs`` maps a display label to a run folder or an exported file (``tbps export``); one that is missing,
+    unfinished or no longer loadable gives a message when it is selected. ``gallery``: None for the run's
+    ``split``, or a folder of images (an exported file needs one). ``seed`` makes the random test captions
+    reproducible.
     """
 
     def __init__(self, runs: dict[str, str | Path], split: str = "test",
                  heatmap_provider: HeatmapProvider | None = attention_heatmap, seed: int = 0,
-                 device: str | None = None,
+                 device: str | None = None, gallery: str | Path | None = None,
                  empty_message: str = "No trained run to search: train one with `tbps train --method baseline` "
                                       "or run notebooks/00_quickstart.ipynb.") -> None:
         self.runs = {label: Path(d) for label, d in runs.items()}
         self.split = split
+        self.gallery = None if gallery in (None, "") else str(gallery)
         self.heatmap_provider = heatmap_provider
         self.device = device
         self.empty_message = empty_message
@@ -165,7 +172,7 @@ class SearchController:
         self.search_engine: CaptionSearch | None = None
         self.last: SearchOutcome | None = None
         self.selection = SearchOutcome(False, empty_message)  # the outcome of the last select()
-        self._engines: dict[str, CaptionSearch] = {}
+        self._engines: dict[tuple[str, str | None], CaptionSearch] = {}
         self._loaded: dict[str, Run] = {}  # runs already open in the caller (not loaded again)
 
     @classmethod
@@ -214,21 +221,46 @@ class SearchController:
         self.selection = self._open(label)
         return self.selection
 
+    def set_gallery(self, folder: str | Path | None) -> SearchOutcome:
+        """Search ``folder`` (a folder of images; indexed on first use, then cached) instead of the run's
+        split, or the split again with None or an empty path."""
+        self.gallery = None if folder is None or not str(folder).strip() else str(Path(str(folder).strip()).expanduser())
+        return self.select(self.selected)
+
+    @property
+    def skipped(self) -> list[Any]:
+        """The skipped files (``tbps_lib.gallery.SkippedFile``) of the current folder gallery (else empty)."""
+        found = self.search_engine.folder_gallery if self.search_engine is not None else None
+        return list(found.skipped) if found is not None else []
+
     def _open(self, label: str | None) -> SearchOutcome:
         if label is None:
             return SearchOutcome(False, self.empty_message)
         if label not in self.runs:
             return SearchOutcome(False, f"Unknown run {label!r}; choose one of {self.labels}.")
-        if label not in self._engines:
-            directory = self.runs[label]
+        key = (label, self.gallery)
+        if key not in self._engines:
+            source = self.runs[label]
             try:
-                run = self._loaded.get(label) or load_run(directory, device=self.device)
-                self._engines[label] = CaptionSearch.from_run(run, self.split)
+                if is_exported_file(source):
+                    if self.gallery is None:
+                        return SearchOutcome(False, f"{label} is an exported model: choose a folder of images "
+                                                    f"to search.")
+                    self._engines[key] = CaptionSearch.from_file(source, self.gallery, device=self.device)
+                else:
+                    run = self._loaded.get(label) or load_run(source, device=self.device)
+                    self._loaded.setdefault(label, run)
+                    self._engines[key] = CaptionSearch.from_run(run, self.split, gallery=self.gallery)
             except RUN_ERRORS as e:
+                if self.gallery is not None:
+                    return SearchOutcome(False, f"Run {label} cannot search the folder {self.gallery}: {e}")
                 return SearchOutcome(False, f"Run {label} cannot be searched: {e}")
-        self.search_engine = self._engines[label]
-        return SearchOutcome(True, f"Run {label}: {self.search_engine.gallery_size} {self.split} images "
-                                   f"({self.search_engine.scoring}).")
+        self.search_engine = self._engines[key]
+        found = self.search_engine.folder_gallery
+        if found is None:
+            return SearchOutcome(True, f"Run {label}: {self.search_engine.gallery_size} {self.split} images "
+                                       f"({self.search_engine.scoring}).")
+        return SearchOutcome(True, f"Run {label}: {found.summary()} ({self.search_engine.scoring}).")
 
     def search(self, caption: str, k: int = 10, rerank: str | None = None,
                true_pid: int | None = None) -> SearchOutcome:
@@ -250,8 +282,11 @@ class SearchController:
         return outcome
 
     def random_caption(self) -> tuple[str, int] | None:
-        """A caption of the selected gallery's split and its person id (None without a loaded run)."""
-        return None if self.search_engine is None else self.search_engine.random_query(self.rng)
+        """A caption of the selected gallery's split and its person id (None without a loaded run, or for a
+        folder gallery, which has no captions)."""
+        if self.search_engine is None or self.search_engine.folder_gallery is not None:
+            return None
+        return self.search_engine.random_query(self.rng)
 
     def heatmap(self, gallery_index: int) -> HeatmapOutcome:
         """The word-level heatmap of the last searched caption for the gallery image ``gallery_index``."""
@@ -283,8 +318,9 @@ _RERANK_OPTIONS = [("none", "none")] + [(name.replace("_", " "), name) for name 
 class SearchApp:
     """The ipywidgets front end of a :class:`SearchController` (see the module docstring).
 
-    Widgets are attributes (``run_select``, ``caption``, ``search_button``, ``k_slider``, ``rerank_select``,
-    ``random_button``, ``results``, ``heatmap_view``, ``status``) so that tests can set values and click.
+    Widgets are attributes (``run_select``, ``gallery_select``, ``gallery_path``, ``gallery_button``,
+    ``skipped_view``, ``caption``, ``search_button``, ``k_slider``, ``rerank_select``, ``random_button``,
+    ``results``, ``heatmap_view``, ``status``) so that tests can set values and click.
     """
 
     image_size = ("48px", "96px")  # width, height of a result thumbnail
@@ -296,6 +332,13 @@ class SearchApp:
         self._w = w
         self.run_select = w.Dropdown(options=controller.labels, value=controller.selected, description="run",
                                      layout=w.Layout(width="420px"))
+        folder = controller.gallery is not None
+        self.gallery_select = w.Dropdown(options=[(f"{controller.split} split", "split"), ("folder", "folder")],
+                                         value="folder" if folder else "split", description="gallery")
+        self.gallery_path = w.Text(value=controller.gallery or "", placeholder="a folder of images, e.g. ~/photos",
+                                   continuous_update=False, disabled=not folder, layout=w.Layout(width="360px"))
+        self.gallery_button = w.Button(description="Index folder", icon="folder-open", disabled=not folder)
+        self.skipped_view = w.Accordion(children=[w.HTML()], layout=w.Layout(display="none"))
         self.caption = w.Text(placeholder="describe a person, e.g. a woman in a red coat with a black bag",
                               continuous_update=False, layout=w.Layout(width="560px"))
         self.search_button = w.Button(description="Search", icon="search", button_style="primary")
@@ -308,21 +351,28 @@ class SearchApp:
         self.status = w.HTML()
         for widget, css in ((self.caption, "tbps-caption"), (self.search_button, "tbps-search"),
                             (self.random_button, "tbps-random"), (self.results, "tbps-results"),
-                            (self.status, "tbps-status"), (self.heatmap_view, "tbps-heatmap")):
+                            (self.status, "tbps-status"), (self.heatmap_view, "tbps-heatmap"),
+                            (self.gallery_select, "tbps-gallery-select"), (self.gallery_path, "tbps-gallery-path"), (self.gallery_button, "tbps-gallery-button"),
+                            (self.skipped_view, "tbps-skipped")):
             widget.add_class(css)
         self._true_pid: int | None = None
         self.caption.observe(self._on_caption, names="value")
         self.search_button.on_click(lambda _: self.run_search())
         self.random_button.on_click(lambda _: self.random_search())
         self.run_select.observe(self._on_run, names="value")
+        self.gallery_select.observe(self._on_gallery_kind, names="value")
+        self.gallery_path.observe(lambda _: self.use_gallery(), names="value")
+        self.gallery_button.on_click(lambda _: self.use_gallery())
         self.k_slider.observe(self._on_setting, names="value")
         self.rerank_select.observe(self._on_setting, names="value")
         self.root = w.VBox([
             w.HBox([self.run_select, self.random_button]),
+            w.HBox([self.gallery_select, self.gallery_path, self.gallery_button]),
             w.HBox([self.caption, self.search_button]),
             w.HBox([self.k_slider, self.rerank_select]),
-            self.status, self.results, self.heatmap_view])
+            self.status, self.skipped_view, self.results, self.heatmap_view])
         self._show_status(controller.selection.ok, controller.selection.message)
+        self._show_skipped()
 
     @classmethod
     def from_runs_dir(cls, runs_dir: str | Path | None = None, dataset: str | None = None,
@@ -361,7 +411,9 @@ class SearchApp:
         """Put a random caption of the split in the box and search it, marking its true person."""
         drawn = self.controller.random_caption()
         if drawn is None:
-            self._show_status(False, self.controller.empty_message)
+            folder = self.controller.search_engine is not None and self.controller.gallery is not None
+            self._show_status(False, "Random test captions come from the dataset split; a folder has no captions: "
+                                     "type a description." if folder else self.controller.empty_message)
             return None
         caption, pid = drawn
         if self.caption.value == caption:
@@ -380,9 +432,34 @@ class SearchApp:
             self.run_search(true_pid=last.true_pid if last and last.caption == self.caption.value else None)
 
     def _on_run(self, change: dict) -> None:
-        outcome = self.controller.select(change["new"])
+        self._after_gallery(self.controller.select(change["new"]))
+
+    def _on_gallery_kind(self, change: dict) -> None:
+        folder = change["new"] == "folder"
+        self.gallery_path.disabled = self.gallery_button.disabled = not folder
+        if not folder:
+            self._after_gallery(self.controller.set_gallery(None))
+        elif self.gallery_path.value.strip():
+            self.use_gallery()
+
+    def use_gallery(self) -> SearchOutcome:
+        """Search the folder typed in ``gallery_path`` (indexing it on first use; shows the skipped files)."""
+        if self.gallery_select.value != "folder":
+            self.gallery_select.value = "folder"  # its observer enables the path box and indexes the folder
+            return self.controller.selection
+        if not self.gallery_path.value.strip():
+            outcome = SearchOutcome(False, "Type the path of a folder of images.")
+            self._show_status(False, outcome.message)
+            return outcome
+        self._show_status(True, f"Indexing {self.gallery_path.value.strip()} ...")
+        outcome = self.controller.set_gallery(self.gallery_path.value)
+        self._after_gallery(outcome)
+        return outcome
+
+    def _after_gallery(self, outcome: SearchOutcome) -> None:
         self._show_results(None)
         self._show_status(outcome.ok, outcome.message)
+        self._show_skipped()
         if outcome.ok and self.caption.value.strip():
             self.run_search()
 
@@ -396,6 +473,15 @@ class SearchApp:
     def _show_status(self, ok: bool, message: str) -> None:
         colour = "#333" if ok else MISS
         self.status.value = f'<span style="color:{colour}">{html.escape(message)}</span>'
+
+    def _show_skipped(self) -> None:
+        """The collapsible list of the folder's skipped files (hidden when there are none)."""
+        skipped = self.controller.skipped
+        self.skipped_view.layout.display = "flex" if skipped else "none"
+        self.skipped_view.titles = (f"Skipped files ({len(skipped)})",)
+        rows = "".join(f"<tr><td>{html.escape(s.path)}</td><td>{html.escape(s.reason)}</td></tr>" for s in skipped)
+        self.skipped_view.children[0].value = f"<table><tr><th>file</th><th>reason</th></tr>{rows}</table>"
+        self.skipped_view.selected_index = None
 
     def _show_results(self, table: pd.DataFrame | None) -> None:
         self.results.children = [] if table is None else [self._card(row) for row in table.itertuples()]

@@ -18,6 +18,12 @@ released code's, and ``k_reciprocal_paper``) through ``engine.evaluate.rerank_si
 that caption; for ``k_reciprocal`` the other test captions are not part of the neighbourhood graph, so its
 scores differ from the all-queries evaluation.
 
+Galleries: a dataset split of a run (:meth:`CaptionSearch.from_run`), or any folder of images
+(``from_run(run, gallery=DIR)``, :meth:`CaptionSearch.from_folder`, and :meth:`CaptionSearch.from_file` for
+a run exported with ``tbps export``), indexed and cached by ``tbps_lib.gallery``; scoring does not depend on
+where the gallery came from (it is an :class:`~tbps_lib.engine.evaluate.Encoded` either way). A folder
+gallery has no person ids (-1) and no captions, so results have no ``match`` and there is no random query.
+
 Two-stage inference (``rerank="rescore"``, methods with ``RetrievalModel.rescore``): the caption's first-stage
 row is re-scored for its ``eval.rescore_k`` best images with ``engine.evaluate.rescore_topk``, exactly as in
 evaluation, so the ranking equals the evaluation's re-scored row for that caption; the ``score`` column holds
@@ -29,7 +35,9 @@ exact ties its own way).
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -44,7 +52,9 @@ from tbps_lib.engine import rerank as rerank_lib
 from tbps_lib.engine.evaluate import (RERANKERS, RESCORE, Encoded, autocast_context, model_inputs,
                                      rerank_similarity, rescore_topk, rescored_ranking, to_device)
 from tbps_lib.engine.rerank import stable_topk
+from tbps_lib.gallery import FolderGallery, index_folder
 from tbps_lib.models.base import RetrievalModel
+from tbps_lib.utils import cache_home
 
 #: Galleries at least this large use faiss (when installed) on the fast path; below it torch is as fast
 #: (benchmarks/search_latency.py measures both).
@@ -53,6 +63,9 @@ FAISS_MIN_GALLERY = 100_000
 RERANK_MAX_GALLERY = 16_384
 #: Columns of a search result, in order.
 RESULT_COLUMNS = ("rank", "image", "pid", "score", "match", "gallery_index")
+#: Folder-gallery embeddings of a run are cached in ``<run>/galleries/``; those of an exported file under
+#: ``<cache home>/galleries/<weights hash>/``.
+GALLERY_CACHE_DIR = "galleries"
 
 
 class SearchInputError(ValueError):
@@ -134,8 +147,9 @@ class CaptionSearch:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: CaptionTokenizer, encoded: Encoded,
-                 backend: str = "auto", name: str = "") -> None:
+                 backend: str = "auto", name: str = "", folder_gallery: FolderGallery | None = None) -> None:
         self.model = model.eval()
+        self.folder_gallery = folder_gallery  # the folder's files and skip report (folder galleries only)
         self.tokenizer = tokenizer
         self.encoded = encoded
         self.name = name
@@ -147,10 +161,51 @@ class CaptionSearch:
         self._truth = _caption_truth(encoded.captions, encoded.query_pids.tolist())
 
     @classmethod
-    def from_run(cls, run: Any, split: str = "test", backend: str = "auto") -> "CaptionSearch":
+    def from_run(cls, run: Any, split: str = "test", backend: str = "auto",
+                 gallery: str | os.PathLike | None = None, fit: str = "stretch",
+                 progress: bool = True) -> "CaptionSearch":
         """The gallery of ``split`` (every image of the split) with the run's selected model and tokenizer;
-        the encodings come from the run's embedding cache (computed once)."""
-        return cls(run.model, run.tokenizer, run.embeddings(split), backend=backend, name=f"{run.name}/{split}")
+        the encodings come from the run's embedding cache (computed once).
+
+        ``gallery``: a folder of images searched instead of the split (``split`` is then unused), indexed at
+        the run's ``image.img_size`` with ``fit`` and cached in ``<run>/galleries/`` (see ``tbps_lib.gallery``);
+        ``progress`` shows a progress bar while files are encoded.
+        """
+        if gallery is None:
+            return cls(run.model, run.tokenizer, run.embeddings(split), backend=backend, name=f"{run.name}/{split}")
+        ckpt = run._checkpoint_id()
+        return cls.from_folder(run.model, run.tokenizer, gallery, run.config.image.img_size,
+                               cache_dir=run.dir / GALLERY_CACHE_DIR,
+                               model_key=f"{run.name}@epoch{ckpt['epoch']}-step{ckpt['step']}", fit=fit,
+                               backend=backend, name=run.name, progress=progress)
+
+    @classmethod
+    def from_folder(cls, model: torch.nn.Module, tokenizer: CaptionTokenizer, folder: str | os.PathLike,
+                    img_size: Sequence[int], cache_dir: str | os.PathLike | None = None, model_key: str = "",
+                    fit: str = "stretch", backend: str = "auto", name: str = "", progress: bool = True,
+                    batch_size: int = 64, num_workers: int = 0) -> "CaptionSearch":
+        """Every usable image under ``folder`` (``tbps_lib.gallery.index_folder``: recursive, bad files skipped
+        and listed in ``.folder_gallery.skipped``, embeddings cached in ``cache_dir`` under ``model_key``)."""
+        found = index_folder(model, folder, img_size, cache_dir, model_key, fit, batch_size, num_workers, progress)
+        label = f"{name}/{found.folder.name}" if name else str(found.folder)
+        return cls(model, tokenizer, found.to_encoded(), backend=backend, name=label, folder_gallery=found)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, gallery: str | os.PathLike, device: str | None = None,
+                  backend: str = "auto", fit: str = "stretch", cache_dir: str | os.PathLike | None = None,
+                  progress: bool = True) -> "CaptionSearch":
+        """A folder ``gallery`` searched with a run exported by ``tbps export`` (``tbps_lib.export``); no run
+        registry or dataset is needed. The folder's embeddings are cached in ``cache_dir``, by default
+        ``$TBPS_CACHE/galleries/<weights hash>`` (``~/.cache/tbps_lib/...``)."""
+        from tbps_lib.export import load_exported
+
+        exported = load_exported(path, device)
+        key = f"sha256:{exported.weights_sha256}"
+        cache = Path(cache_dir) if cache_dir is not None else (
+            cache_home() / GALLERY_CACHE_DIR / exported.weights_sha256[:16])
+        return cls.from_folder(exported.model, exported.tokenizer, gallery, exported.config.image.img_size,
+                               cache_dir=cache, model_key=key, fit=fit, backend=backend, name=exported.name,
+                               progress=progress)
 
     def __repr__(self) -> str:
         return (f"CaptionSearch({self.name!r}, gallery={self.gallery_size}, "
@@ -191,7 +246,10 @@ class CaptionSearch:
         return self._truth.get(caption.strip())
 
     def random_query(self, rng: np.random.Generator) -> tuple[str, int]:
-        """A caption of the split drawn with ``rng`` and the id of the person it describes."""
+        """A caption of the split drawn with ``rng`` and the id of the person it describes (a folder
+        gallery has no captions: :class:`SearchInputError`)."""
+        if self.encoded.n_queries == 0:
+            raise SearchInputError("this gallery has no captions to draw from (a folder of images); type one")
         i = int(rng.integers(self.encoded.n_queries))
         return self.encoded.captions[i], int(self.encoded.query_pids[i])
 
@@ -325,6 +383,6 @@ def _caption_truth(captions: Sequence[str], pids: Sequence[int]) -> dict[str, in
     return {c: next(iter(p)) for c, p in seen.items() if len(p) == 1}
 
 
-__all__ = ["FAISS_MIN_GALLERY", "RERANK_MAX_GALLERY", "RESULT_COLUMNS", "SearchInputError", "faiss_available",
+__all__ = ["FAISS_MIN_GALLERY", "RERANK_MAX_GALLERY", "RESULT_COLUMNS", "GALLERY_CACHE_DIR", "SearchInputError", "faiss_available",
            "GalleryIndex", "uses_default_scoring", "CaptionSearch", "true_rank",
            "summary_line"]

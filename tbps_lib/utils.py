@@ -28,6 +28,13 @@ PROGRESS_ENV = "TBPS_PROGRESS"
 DEVICE_ENV = "TBPS_DEVICE"
 
 
+def cache_home() -> Path:
+    """The workbook's cache folder: ``$TBPS_CACHE``, else ``~/.cache/tbps_lib`` (synthetic datasets, the
+    folder-gallery embeddings of exported models)."""
+    env = os.environ.get("TBPS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tbps_lib"
+
+
 def progress_enabled() -> bool:
     """False when the environment variable ``TBPS_PROGRESS`` is ``0``/``false``/``no``/``off``."""
     return os.environ.get(PROGRESS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")

@@ -264,3 +264,67 @@ def test_a_selected_run_object_is_used_as_it_is(registry_dir, run_dir):
 def test_an_unknown_selected_run_falls_back_to_the_best(registry_dir, run_dir):
     controller = SearchController.from_runs_dir(registry_dir, selected="toy-ffffffffffff", device="cpu")
     assert controller.selection.ok and controller.runs[controller.selected] == run_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Folder galleries and exported runs
+
+
+@pytest.fixture
+def photo_folder(run_dir, tmp_path) -> Path:
+    """The run's test images in a plain folder, with one file that is not an image."""
+    from tbps_lib.engine.runs import load_run
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in load_run(run_dir, device="cpu").embeddings("test").image_paths:
+        shutil.copy2(path, folder / Path(path).name)
+    (folder / "broken.jpg").write_text("not a picture", encoding="utf-8")
+    return folder
+
+
+def test_the_gallery_chooser_searches_a_typed_folder(app, photo_folder):
+    assert app.gallery_select.value == "split" and app.gallery_path.disabled
+    assert app.skipped_view.layout.display == "none"
+    app.caption.value = "a person in a red shirt and blue trousers"
+    app.gallery_select.value = "folder"
+    assert not app.gallery_path.disabled and "Type the path" in app.use_gallery().message
+    app.gallery_path.value = str(photo_folder)  # Enter in the path box indexes the folder
+    assert "photos: 12 images (1 skipped)" in app.controller.selection.message and "5 results in" in app.status.value
+    assert app.controller.search_engine.folder_gallery is not None
+    assert app.skipped_view.layout.display == "flex" and app.skipped_view.titles == ("Skipped files (1)",)
+    assert "broken.jpg" in app.skipped_view.children[0].value and "not an image" in app.skipped_view.children[0].value
+    cards = _cards(app)  # the caption in the box was searched again in the folder
+    assert len(cards) == 5 and all("1px solid" in c.layout.border for c in cards)  # no truth in a folder
+    assert all(Path(p).parent == photo_folder for p in app.controller.last.table["image"])
+    assert app.random_search() is None and "a folder has no captions" in app.status.value
+    app.gallery_select.value = "split"
+    assert "12 test images" in app.controller.selection.message and app.skipped_view.layout.display == "none"
+    assert len(_cards(app)) == 5 and app.controller.search_engine.folder_gallery is None
+    app.gallery_select.value = "folder"  # back to the folder: the cached engine, no re-indexing
+    assert app.controller.search_engine.folder_gallery.folder == photo_folder.resolve()
+
+
+def test_a_folder_without_images_gives_a_message(app, tmp_path):
+    (tmp_path / "nothing").mkdir()
+    app.gallery_path.value = str(tmp_path / "nothing")
+    outcome = app.use_gallery()
+    assert not outcome.ok and "cannot search the folder" in app.status.value
+    assert "has no usable image" in app.status.value
+    app.caption.value = "a red shirt"
+    assert "No run is loaded" in app.status.value and not _cards(app)
+
+
+def test_an_exported_run_needs_a_folder_and_then_searches_it(run_dir, photo_folder, tmp_path, monkeypatch):
+    from tbps_lib.engine.runs import load_run
+    from tbps_lib.export import export_run
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "cache-home"))
+    path = export_run(load_run(run_dir, device="cpu"), tmp_path / "toy.tbps")
+    alone = SearchController.from_run_dirs([path], device="cpu")
+    assert not alone.selection.ok and "toy.tbps is an exported model: choose a folder" in alone.selection.message
+    outcome = alone.set_gallery(photo_folder)
+    assert outcome.ok and "12 images (1 skipped)" in outcome.message
+    result = alone.search("a person in a red shirt and blue trousers", k=3)
+    direct = SearchController.from_run_dirs([run_dir], device="cpu", gallery=photo_folder)
+    assert result.table["image"].tolist() == direct.search(result.caption, k=3).table["image"].tolist()

@@ -1,7 +1,9 @@
 """The caption search app in a real browser: JupyterLab on 127.0.0.1 serves a small notebook that shows the
 app; Debian's Chromium, driven by Playwright (the system executable, no browser download), runs the
 notebook, types a caption, waits for the result images and checks their scores, clicks the top result for
-its word-level heatmap; a screenshot is saved in the test's temporary folder.
+its word-level heatmap, then switches the gallery to a folder (test images copied into a plain folder with
+broken files among them), checks the re-ranked results and the list of skipped files; screenshots are
+saved in the test's temporary folder.
 
 The run is the default smoke baseline (``train_or_load``: trained here only when the registry lacks it, as
 notebook 00 does). Skipped only when no Chromium/Chrome executable can be found.
@@ -31,6 +33,7 @@ BROWSERS = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 K = 5
+FOLDER_IMAGES = 40
 
 
 def find_browser() -> str | None:
@@ -143,10 +146,19 @@ def jupyterlab(tmp_path, smoke_run):
 def test_search_in_jupyterlab_with_chromium(browser_path, jupyterlab, smoke_run, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    from tbps_lib.search import CaptionSearch
+
     base, token, notebook = jupyterlab
-    _, searcher = smoke_run
+    run, searcher = smoke_run
     caption = searcher.encoded.captions[0]
     screenshot = tmp_path / "caption_search_demo.png"
+    folder_shot = tmp_path / "caption_search_folder.png"
+    folder = tmp_path / "my photos"  # a plain folder: no annotations, a space in its name, broken files
+    (folder / "more").mkdir(parents=True)
+    for i, path in enumerate(searcher.encoded.image_paths[:FOLDER_IMAGES]):
+        shutil.copy2(path, (folder / "more" if i % 2 else folder) / Path(path).name)
+    (folder / "broken.jpg").write_text("not a picture", encoding="utf-8")
+    (folder / "empty.png").write_bytes(b"")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -174,6 +186,22 @@ def test_search_in_jupyterlab_with_chromium(browser_path, jupyterlab, smoke_run,
             expect(page.locator(".tbps-heatmap img")).to_be_visible(timeout=60_000)
             heatmap = page.locator(".tbps-heatmap").inner_text()
             page.screenshot(path=str(screenshot), full_page=True)
+            # the same caption in a folder of images typed by the user
+            page.locator(".tbps-gallery-select select").select_option(label="folder")
+            path_box = page.locator(".tbps-gallery-path input")
+            expect(path_box).to_be_enabled(timeout=30_000)
+            path_box.fill(str(folder))
+            path_box.press("Enter")
+            expect(page.locator(".tbps-skipped")).to_contain_text("Skipped files (2)", timeout=120_000)
+            expect(images).to_have_count(K, timeout=60_000)
+            page.wait_for_function("() => [...document.querySelectorAll('.tbps-result img')]"
+                                   ".every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
+            folder_labels = page.locator(".tbps-result button").all_inner_texts()
+            page.locator(".tbps-skipped .lm-AccordionPanel-title, .tbps-skipped .p-Collapse-header, "
+                         ".tbps-skipped .jupyter-widget-Collapse-header").first.click()
+            expect(page.locator(".tbps-skipped")).to_contain_text("broken.jpg", timeout=30_000)
+            skipped = page.locator(".tbps-skipped").inner_text()
+            page.screenshot(path=str(folder_shot), full_page=True)
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
             raise
@@ -187,4 +215,9 @@ def test_search_in_jupyterlab_with_chromium(browser_path, jupyterlab, smoke_run,
     assert f"true person {int(searcher.encoded.query_pids[0])}" in status
     assert "adds to the score of result #1" in heatmap and caption.split()[1].lower() in heatmap.lower()
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000
-    print(json.dumps({"screenshot": str(screenshot), "labels": labels, "status": status}))
+    in_folder = CaptionSearch.from_run(run, gallery=folder).search(caption, k=K)  # cached by the kernel's index
+    folder_scores = [float(re.fullmatch(r"#\d+ (-?\d+\.\d{3})", label.strip()).group(1)) for label in folder_labels]
+    assert folder_scores == pytest.approx(in_folder["score"].round(3).tolist(), abs=1.5e-3)
+    assert "empty.png" in skipped and "not an image" in skipped and "empty file" in skipped
+    print(json.dumps({"screenshot": str(screenshot), "folder_screenshot": str(folder_shot), "labels": labels,
+                      "status": status, "folder_labels": folder_labels}))

@@ -91,12 +91,17 @@ def load_image(path: Path, size: tuple[int, int], where: str = "") -> torch.Tens
     """
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            array = np.array(img, dtype=np.uint8)  # a writable copy
+            return image_tensor(img.convert("RGB"), size)
     except (OSError, UnidentifiedImageError) as e:
         raise DatasetError(f"cannot read image {path}{f' ({where})' if where else ''}: {e}") from e
+
+
+def image_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """The training transform of an RGB image: resized (bicubic) to ``size`` = (height, width) whatever its
+    aspect ratio (person crops are stretched to the input size, as in training): uint8 tensor [3, H, W]."""
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    array = np.array(img, dtype=np.uint8)  # a writable copy
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -513,6 +518,7 @@ def build_eval_loaders(ds: TBPSDataset, split: str, cfg: Any, tokenizer: Caption
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "prepare_dataset", "train_captions", "build_tokenizer", "load_image",
+    "image_tensor",
     "normalize_image", "ImageStore", "TrainPairs", "SplitImages", "SplitCaptions", "collate", "BATCH_FIELDS",
     "register_batch_field", "batch_field_builder", "item_generator", "noun_phrase_field", "phrase_word_mask_field",
     "EpochBatchSampler", "RandomBatchSampler", "IdentityBalancedSampler", "build_train_loader",

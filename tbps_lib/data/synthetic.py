@@ -31,6 +31,7 @@ from tbps_lib.data.formats import SIDECAR, SIDECAR_VERSION, read_meta, read_side
 from tbps_lib.data.synthetic_attributes import SLOTS, sample_identities
 from tbps_lib.data.synthetic_render import MASK_PALETTE, PART_LABELS, render_image
 from tbps_lib.data.synthetic_scene import CameraSetup, make_cameras, stable_seed
+from tbps_lib.utils import cache_home
 from tbps_lib.utils import progress as progress_bar
 
 GENERATOR_VERSION = 1  # bump when output changes, so cached sets are regenerated
@@ -296,8 +297,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else ``$TBPS_CACHE/synthetic``, else ``~/.cache/tbps_lib/synthetic``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get("TBPS_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "tbps_lib") / "synthetic"
+    return cache_home() / "synthetic"
 
 
 def _complete(folder: Path) -> bool:
