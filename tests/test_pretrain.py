@@ -150,3 +150,12 @@ def test_any_size_bert_folder_takes_its_sizes_from_config_json(tmp_path):
         build_text_encoder(TextEncoderConfig(arch="bert_base", pretrained=str(tmp_path / "mini")))
     with pytest.raises(ValueError, match="text.arch='bert' takes its sizes from a pretrained folder"):
         build_text_encoder(TextEncoderConfig(arch="bert"))
+
+
+def test_cli_pretrain(tiny, capsys):
+    from tbps_lib.cli import main
+
+    assert main(["pretrain", "--arch", "resnet_smoke", "--quiet"]) == 0
+    assert "workbook:resnet_smoke:" in capsys.readouterr().out
+    assert main(["pretrain", "--arch", "resnet_huge"]) == 2
+    assert "--arch='workbook:resnet_huge': unknown workbook weights" in capsys.readouterr().err
