@@ -38,7 +38,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -170,11 +170,12 @@ def ensure_pretrained(cfg: PretrainConfig | str, cache_dir: str | Path | None = 
             shutil.rmtree(final)  # an incomplete folder (no pretrain.json) left by a crash
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             train = _train_image if cfg.kind == "image" else _train_text
             history, extra = train(cfg, tmp, progress)
             info = {"config": dataclasses.asdict(cfg), "hash": pretrain_hash(cfg), "format": FORMAT_VERSION,
                     "kind": cfg.kind, "train_time_s": round(time.perf_counter() - start, 1),
+                    "cpu_time_s": round(time.process_time() - cpu, 1),
                     "threads": torch.get_num_threads(), **extra}
             (tmp / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -510,6 +511,44 @@ def linear_probe(arch: str, pretrained: str | None, dataset: str = "synthetic:cu
             "majority_accuracy": float(np.mean(majority))}
 
 
-__all__ = ["PretrainConfig", "WORKBOOK_WEIGHTS", "WORKBOOK_PREFIX", "ensure_pretrained", "resolve_pretrained",
+def plot_pretraining_curves(names: Sequence[str], cache_dir: str | Path | None = None) -> Any:
+    """One panel per ``workbook:`` weights name: training and held-out loss, and held-out accuracy
+    (attribute groups for images, masked tokens for text) against the step. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        hist = pretraining_history(name, cache_dir)
+        steps = [h["step"] for h in hist]
+        ax.plot(steps, [h["loss"] for h in hist], label="train loss")
+        ax.plot(steps, [h["val_loss"] for h in hist], label="held-out loss")
+        ax.set_xlabel("step")
+        ax.set_title(f"{WORKBOOK_PREFIX}{name}", fontsize=9)
+        acc = ax.twinx()
+        acc.plot(steps, [h["val_accuracy"] for h in hist], color="C2", label="held-out accuracy")
+        acc.set_ylim(0, 1)
+        if ax is axes[0][-1]:
+            acc.set_ylabel("accuracy")
+        lines = ax.get_lines() + acc.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="center right")
+    fig.tight_layout()
+    return fig
+
+
+def compare_runs(runs: Mapping[str, Any]) -> Any:
+    """A table (pandas) of labelled runs: how each encoder was initialised, the selected epoch, validation
+    and test R@1 and mAP, and the wall time of training + test evaluation."""
+    import pandas as pd
+
+    rows = {}
+    for label, run in runs.items():
+        m = run.metrics
+        rows[label] = {"image init": m["init"]["image"], "text init": m["init"]["text"],
+                       "epoch": m["selected"]["epoch"], "val R1": m["val"]["R1"], "val mAP": m["val"]["mAP"],
+                       "test R1": m["test"]["R1"], "test mAP": m["test"]["mAP"], "wall s": m["wall_time_s"]}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+__all__ = ["plot_pretraining_curves", "compare_runs", "PretrainConfig", "WORKBOOK_WEIGHTS", "WORKBOOK_PREFIX", "ensure_pretrained", "resolve_pretrained",
            "pretrain_hash", "weights_dir", "cache_root", "pretraining_history", "pretraining_info",
            "corpus_captions", "benchmark_captions", "load_corpus", "linear_probe", "workbook_config"]
