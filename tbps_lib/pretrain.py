@@ -292,17 +292,17 @@ def _load_images(ds: Any, records: Sequence[Any], size: tuple[int, int], progres
 
     out = torch.empty((len(records), 3, *size), dtype=torch.uint8)
     for i, r in enumerate(progress_bar(records, enabled=progress, desc="load images", leave=False)):
-        out[i] = (load_image(ds.image_path(r), size) * 255).round().to(torch.uint8)
+        out[i] = load_image(ds.image_path(r), size)  # already uint8
     return out
 
 
 def _as_input(images: Tensor, flip: Tensor | None = None) -> Tensor:
     from tbps_lib.data.loaders import normalize_image
 
-    x = images.float() / 255.0
+    """uint8 images [B, 3, H, W] (optionally flipped where ``flip``) -> ImageNet-normalised floats."""
     if flip is not None:
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    return normalize_image(x)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    return normalize_image(images)
 
 
 def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

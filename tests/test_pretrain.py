@@ -33,7 +33,7 @@ def tiny(tmp_path_factory, monkeypatch):
 
 
 def _pixels(ds, record, size):
-    return hashlib.sha1((load_image(ds.image_path(record), size) * 255).round().to(torch.uint8).numpy()).hexdigest()
+    return hashlib.sha1(load_image(ds.image_path(record), size).numpy()).hexdigest()
 
 
 def test_default_corpus_avoids_every_benchmark_as_smoke_runs_generate_it():
@@ -159,3 +159,14 @@ def test_cli_pretrain(tiny, capsys):
     assert "workbook:resnet_smoke:" in capsys.readouterr().out
     assert main(["pretrain", "--arch", "resnet_huge"]) == 2
     assert "--arch='workbook:resnet_huge': unknown workbook weights" in capsys.readouterr().err
+
+
+def test_pretraining_inputs_are_the_images_normalised_once(tiny):
+    corpus = pretrain.load_corpus(tiny["resnet_smoke"])
+    records = corpus.split("train")[:2]
+    images = pretrain._load_images(corpus, records, (64, 32), False)
+    assert images.dtype == torch.uint8 and torch.equal(images[0], load_image(corpus.image_path(records[0]), (64, 32)))
+    from tbps_lib.data.loaders import normalize_image
+    assert torch.allclose(pretrain._as_input(images), normalize_image(images))
+    flipped = pretrain._as_input(images, torch.tensor([True, False]))
+    assert torch.allclose(flipped[0], normalize_image(images[0]).flip(-1)) and torch.allclose(flipped[1], normalize_image(images[1]))
