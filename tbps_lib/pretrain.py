@@ -308,7 +308,8 @@ def _as_input(images: Tensor, flip: Tensor | None = None) -> Tensor:
 def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warm = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+        opt, lambda s: (s + 1) / warm if s < warm
+        else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
 
 
 def _split_holdout(n: int, seed: int, share: float = 0.05, cap: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -361,7 +362,8 @@ def _train_image(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[d
                                    for i in range(0, len(val_idx), 256)])
                 val_t = targets[torch.from_numpy(val_idx)]
                 history.append({"step": step, "loss": float(np.mean(running)),
-                                "val_loss": head.loss(feats, val_t).item(), "val_accuracy": head.accuracy(feats, val_t)})
+                                "val_loss": head.loss(feats, val_t).item(),
+                                "val_accuracy": head.accuracy(feats, val_t)})
             running = []
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_acc=f"{history[-1]['val_accuracy']:.3f}")
     bar.close()
@@ -549,6 +551,7 @@ def compare_runs(runs: Mapping[str, Any]) -> Any:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-__all__ = ["plot_pretraining_curves", "compare_runs", "PretrainConfig", "WORKBOOK_WEIGHTS", "WORKBOOK_PREFIX", "ensure_pretrained", "resolve_pretrained",
+__all__ = ["plot_pretraining_curves", "compare_runs", "PretrainConfig", "WORKBOOK_WEIGHTS", "WORKBOOK_PREFIX",
+           "ensure_pretrained", "resolve_pretrained",
            "pretrain_hash", "weights_dir", "cache_root", "pretraining_history", "pretraining_info",
            "corpus_captions", "benchmark_captions", "load_corpus", "linear_probe", "workbook_config"]
