@@ -3,7 +3,7 @@
 ``tbps data inspect`` summarises a dataset per split; ``tbps data synth`` writes the synthetic benchmark.
 ``tbps train`` trains (or resumes, or just loads) the run of a method/dataset/preset plus ``--set`` changes;
 ``tbps eval RUN_DIR`` evaluates a run's selected checkpoint on a split, optionally re-ranked;
-``tbps runs list`` tables the run registry;
+``tbps runs list`` tables the run registry; ``tbps pretrain`` trains the pretrained smoke backbones;
 ``tbps search RUN "caption" [--gallery DIR]`` ranks a run's test gallery, or a folder of images, for a caption
 (``tbps_lib.search``; RUN is a run folder or a file written by ``tbps export``);
 ``tbps export RUN_DIR --out model.tbps`` writes a trained run as one portable file (``tbps_lib.export``).
@@ -98,6 +98,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         print(f"val  (epoch {m['selected']['epoch']}): {_metric_line(m['val'])}")
         print(f"test: {_metric_line(m['test'])}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Train (or find in the cache) the workbook's pretrained smoke backbones (``tbps_lib.pretrain``)."""
+    from tbps_lib import pretrain
+
+    for arch in args.arch or sorted(pretrain.WORKBOOK_WEIGHTS):
+        folder = pretrain.ensure_pretrained(pretrain.workbook_config(arch, "--arch"), progress=not args.quiet)
+        info = pretrain.pretraining_info(arch)
+        last = pretrain.pretraining_history(arch)[-1]
+        print(f"{pretrain.WORKBOOK_PREFIX}{arch}: {folder} (trained in {info['train_time_s']} s on "
+              f"{info['threads']} threads; final val accuracy {last['val_accuracy']:.3f})")
     return 0
 
 
@@ -278,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default $TBPS_DEVICE or auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="train the workbook's pretrained smoke backbones (cached)")
+    p.add_argument("--arch", action="append", default=[], metavar="ARCH",
+                   help="resnet_smoke, vit_smoke, swin_smoke, bert_smoke or bigru_smoke (repeatable; default all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="evaluate a trained run on a split")
     p.add_argument("run_dir", help="the run folder (as printed by tbps train)")

@@ -13,7 +13,6 @@ come from the file, so no pretrained folder (or symbolic backbone) is needed on 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tbps_lib.config import Config, config_from_dict, config_to_dict
+from tbps_lib.config import Config, checkpoint_config, config_from_dict, config_to_dict
 from tbps_lib.data.text import CaptionTokenizer
 from tbps_lib.utils import atomic_write
 
@@ -152,19 +151,17 @@ def load_exported(path: str | os.PathLike, device: str | torch.device | None = N
         fingerprint = json.loads(metadata.get("code_fingerprint", "null"))
     except (KeyError, json.JSONDecodeError) as e:
         raise ExportError(f"{path} has a damaged header ({type(e).__name__}: {e})") from None
-    # the weights come from the file: no pretrained folder or backbone is needed to build the model
-    cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, pretrained=None),
-                              text=dataclasses.replace(cfg.text, pretrained=None))
-    model = build_model(cfg)
-    try:
-        load_model(model, str(path), strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"the weights in {path} do not fit the {cfg.method} model of this tbps_lib: {e}") from None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name, text in tokenizer_files.items():
             (folder / Path(name).name).write_text(text, encoding="utf-8")
         tokenizer = CaptionTokenizer.load(folder)
+    # the weights come from the file: no pretrained folder or backbone is needed to build the model
+    model = build_model(checkpoint_config(cfg, tokenizer.vocab_size))
+    try:
+        load_model(model, str(path), strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"the weights in {path} do not fit the {cfg.method} model of this tbps_lib: {e}") from None
     model = model.to(select_device(device)).eval()
     return ExportedRun(path, cfg, model, tokenizer, metrics, fingerprint, metadata.get("weights_sha256", ""),
                        metadata.get("name", path.stem))

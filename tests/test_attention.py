@@ -23,6 +23,8 @@ from tbps_lib.models.registry import build_model
 CAPTIONS = ["a man in a red shirt with a blue bag", "a woman wears green shoes and a red bag",
             "the person has black hair and a blue shirt"] * 3
 
+RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}  # these test untrained models
+
 
 @pytest.fixture(scope="module")
 def tokenizer() -> CaptionTokenizer:
@@ -132,7 +134,7 @@ def test_without_span_and_text_batch(tokenizer):
 @pytest.mark.parametrize("arch,pool", [("resnet_smoke", "max"), ("vit_smoke", "cls"), ("swin_smoke", "cls")])
 def test_maps_for_random_smoke_models(tokenizer, arch, pool):
     torch.manual_seed(0)
-    cfg = make_config("baseline", "smoke", changes={"image.arch": arch, "model.pool": pool,
+    cfg = make_config("baseline", "smoke", changes={**RANDOM_INIT, "image.arch": arch, "model.pool": pool,
                                                     "text.max_length": 16})
     model = build_model(cfg)
     model.train()
@@ -153,7 +155,7 @@ def test_maps_for_random_smoke_models(tokenizer, arch, pool):
 
 
 def test_vit_cls_needs_the_last_block_input(tokenizer):
-    cfg = make_config("baseline", "smoke", changes={"image.arch": "vit_smoke", "model.pool": "cls",
+    cfg = make_config("baseline", "smoke", changes={**RANDOM_INIT, "image.arch": "vit_smoke", "model.pool": "cls",
                                                     "text.max_length": 16})
     model = build_model(cfg)
     assert image_token_layer(model) is model.image_encoder.model.blocks[-1].norm1
@@ -170,7 +172,7 @@ def test_vit_cls_needs_the_last_block_input(tokenizer):
 def test_rooted_vit_graph_gives_the_full_graph_gradient(tokenizer):
     """The ViT map roots the graph at the last block's input; it must equal the map from a full graph."""
     torch.manual_seed(1)
-    cfg = make_config("baseline", "smoke", changes={"image.arch": "vit_smoke", "model.pool": "cls",
+    cfg = make_config("baseline", "smoke", changes={**RANDOM_INIT, "image.arch": "vit_smoke", "model.pool": "cls",
                                                     "text.max_length": 16})
     model = build_model(cfg).eval()
     images = torch.randn(1, 3, *cfg.image.img_size)

@@ -13,6 +13,8 @@ from tbps_lib.models.registry import build_model, list_methods
 
 N_CLASSES = 4
 
+RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}  # unit tests of untrained models
+
 
 def make_batch(n: int = 8, length: int = 10, vocab: int = 2000, seed: int = 0) -> dict:
     """A hand-made batch with the keys of ``tbps_lib.models.base``: 2 pairs per person."""
@@ -31,7 +33,7 @@ def make_batch(n: int = 8, length: int = 10, vocab: int = 2000, seed: int = 0) -
 
 def smoke_model(**changes) -> Baseline:
     torch.manual_seed(0)
-    return build_model(make_config("baseline", changes={"model.num_classes": N_CLASSES, **changes}))
+    return build_model(make_config("baseline", changes={**RANDOM_INIT, "model.num_classes": N_CLASSES, **changes}))
 
 
 def test_registered_with_smoke_and_paper_presets():
@@ -50,7 +52,10 @@ def test_registered_with_smoke_and_paper_presets():
 
 
 def test_default_config_builds_and_encodes_but_needs_num_classes_for_the_loss():
-    model = build_model(make_config("baseline"))
+    cfg = make_config("baseline")
+    assert (cfg.image.pretrained, cfg.text.pretrained) == ("workbook:resnet_smoke", "workbook:bigru_smoke")
+    # random initialisation (one --set away) keeps this test free of pretraining and of its vocabulary
+    model = build_model(override(cfg, {"image.pretrained": "none", "text.pretrained": "none"}))
     batch = make_batch(4)
     model.eval()
     with torch.no_grad():

@@ -119,3 +119,17 @@ def test_string_tuples_split_on_x_only_for_numbers():
                             "image.img_size": "384x128"})
     assert cfg.optim.freeze == ("image_encoder", "text_encoder") and cfg.init.skip == ("classifier",)
     assert cfg.image.img_size == (384, 128)
+
+
+def test_checkpoint_config_loads_no_pretrained_weights():
+    from tbps_lib.config import checkpoint_config
+
+    cfg = make_config("baseline", "smoke")
+    assert cfg.image.pretrained.startswith("workbook:") and cfg.text.pretrained.startswith("workbook:")
+    built = checkpoint_config(cfg, 979)
+    assert built.image.pretrained is None and built.text.pretrained is None
+    assert built.text.vocab_size == 979  # the pretrained vocabulary, held by the run's tokenizer
+    scratch = override(cfg, {"image.pretrained": None, "text.pretrained": None})
+    assert checkpoint_config(scratch, 979).text.vocab_size == scratch.text.vocab_size  # built with its own size
+    folder = override(cfg, {"text.arch": "bert", "text.pretrained": "/models/minilm"})
+    assert checkpoint_config(folder, 979).text == folder.text  # its sizes come from the folder

@@ -81,9 +81,18 @@ def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+# The one deliberate upward call: a config naming the workbook's own weights (``workbook:<arch>``) trains
+# them on first use when an encoder or its tokenizer is built (``tbps_lib.pretrain.resolve_pretrained``, a
+# function-level import). Nothing else may point up; this list is reviewed like code.
+FIRST_USE_TRAINING = {("tbps_lib.models.encoders", "tbps_lib.pretrain"), ("tbps_lib.data.loaders", "tbps_lib.pretrain")}
+
+
 def test_no_import_cycles():
     graph = import_graph()
     assert "tbps_lib.data.synthetic" in graph["tbps_lib.data.catalog"]  # the parser sees lazy imports
+    for module, target in FIRST_USE_TRAINING:
+        assert target in graph[module]  # still there (else drop it from the list)
+        graph[module] = graph[module] - {target}
     assert cycles(graph) == []
 
 

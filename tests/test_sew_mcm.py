@@ -17,10 +17,12 @@ from test_trainer import write_toy_dataset
 
 T_BOUNDS = {"model.t_min": 4.0, "model.t_max": 9.0}
 
+RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}  # unit tests of untrained models
+
 
 def sew_model(**changes) -> SewMCM:
     torch.manual_seed(0)
-    return build_model(make_config("sew_mcm", changes={"model.num_classes": N_CLASSES, **T_BOUNDS, **changes}))
+    return build_model(make_config("sew_mcm", changes={**RANDOM_INIT, "model.num_classes": N_CLASSES, **T_BOUNDS, **changes}))
 
 
 def test_registered_with_presets_and_paper_settings():
@@ -85,7 +87,7 @@ def test_margins_fixed_and_adaptive_end_points():
     got = sew_model().margins(batch)
     assert got[:4].tolist() == pytest.approx([0.4, 0.4, 0.6, 0.6])
     assert got[4].item() == pytest.approx(0.4 + 0.2 * (6 - 4) / (9 - 4))
-    unresolved = build_model(make_config("sew_mcm", changes={"model.num_classes": N_CLASSES}))
+    unresolved = build_model(make_config("sew_mcm", changes={**RANDOM_INIT, "model.num_classes": N_CLASSES}))
     with pytest.raises(ValueError, match="t_min/t_max are 0"):
         unresolved.margins(batch)
 

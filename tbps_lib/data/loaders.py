@@ -73,10 +73,21 @@ def train_captions(ds: TBPSDataset) -> list[str]:
 
 
 def build_tokenizer(cfg: Any, captions: Sequence[str]) -> CaptionTokenizer:
-    """The run's tokenizer: the local BERT tokenizer of ``cfg.text.pretrained`` when set, otherwise a
-    WordPiece vocabulary of ``cfg.text.vocab_size`` trained on ``captions`` (the training captions)."""
+    """The run's tokenizer: the vocabulary of the pretrained text encoder when ``cfg.text.pretrained`` is
+    set, otherwise a WordPiece vocabulary of ``cfg.text.vocab_size`` trained on ``captions`` (the training
+    captions). A pretrained folder holds either a Hugging Face BERT tokenizer, or (the library's own format,
+    e.g. ``workbook:bigru_smoke``) the files of ``CaptionTokenizer.save``; ``workbook:<arch>`` names are
+    resolved (trained on first use) by ``tbps_lib.pretrain.resolve_pretrained``."""
     if cfg.text.pretrained:
-        return CaptionTokenizer.from_pretrained_dir(cfg.text.pretrained, max_length=cfg.text.max_length)
+        from tbps_lib.data.text import META_FILE
+        from tbps_lib.pretrain import resolve_pretrained
+
+        folder = Path(resolve_pretrained(cfg.text.pretrained, "text.pretrained")[0]).expanduser()
+        if folder.is_file():  # a bare state-dict file: its tokenizer files sit beside it
+            folder = folder.parent
+        if (folder / META_FILE).is_file():
+            return CaptionTokenizer.load(folder, max_length=cfg.text.max_length)
+        return CaptionTokenizer.from_pretrained_dir(folder, max_length=cfg.text.max_length)
     return CaptionTokenizer.train(captions, vocab_size=cfg.text.vocab_size, max_length=cfg.text.max_length)
 
 

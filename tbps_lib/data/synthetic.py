@@ -28,7 +28,7 @@ from PIL import Image
 
 from tbps_lib.data import synthetic_captions as captions
 from tbps_lib.data.formats import SIDECAR, SIDECAR_VERSION, read_meta, read_sidecar
-from tbps_lib.data.synthetic_attributes import SLOTS, sample_identities
+from tbps_lib.data.synthetic_attributes import SLOTS, sample_identities, signature
 from tbps_lib.data.synthetic_render import MASK_PALETTE, PART_LABELS, render_image
 from tbps_lib.data.synthetic_scene import CameraSetup, make_cameras, stable_seed
 from tbps_lib.utils import cache_home
@@ -49,6 +49,8 @@ class Preset:
     the mean caption length (in words) must fall in, which the tests check; ``min_words`` the shortest
     caption allowed (RSTPReid's annotators wrote at least 23 words); ``lexicon`` the words this
     dataset's annotators prefer (usual word -> preferred synonym), a vocabulary shift between presets.
+    ``avoid`` (the pretraining corpus only) names benchmark sets (preset, seed, ids) whose identities this
+    set must not contain: their attribute signatures are taken before any identity is drawn.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Preset:
     splits: tuple[str, ...] = field(default=("train", "val", "test"))
     min_words: int = 0
     lexicon: tuple[tuple[str, str], ...] = ()
+    avoid: tuple[tuple[str, int, int], ...] = ()  # benchmarks (preset, seed, ids) whose identities are not drawn
 
     def mean_images_per_id(self) -> float:
         return float(sum(n * p for n, p in self.images_per_id))
@@ -116,11 +119,31 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+# The workbook's pretraining corpus ("ImageNet" and "BERT" of the smoke setting, ``tbps_lib.pretrain``): not a
+# benchmark (kept out of ``PRESETS``, one training split), with its own preset name (hence its own random
+# streams), every annotator style of the three benchmarks, their cameras' variety, no preset lexicon, and
+# no identity of the three benchmarks as the smoke runs generate them (seed 0, default ids).
+CORPUS_PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(
+        name="pretrain-corpus", mirrors="(none: pretraining corpus)",
+        real="the workbook's own pretraining corpus; shares no identity with the benchmark presets",
+        default_ids=3000, held_out=(),
+        images_per_id=((2, 0.3), (3, 0.4), (4, 0.3)), distinct_cameras=False, captions_per_image=2,
+        styles=tuple((name, 1.0) for p in PRESETS.values() for name, _ in p.styles),
+        cameras=CameraSetup(n_cameras=20, indoor_share=0.25, gain=(0.55, 1.3), cast=0.1, blur=(0.0, 1.0),
+                            noise=(2.0, 9.0), lowres=0.3, crowd=1.0, occlusion=0.15, truncation=0.05,
+                            scale=(0.78, 0.96), tone=(1.0, 1.0, 1.0), gamma=1.05, contrast=1.0),
+        words=(15.0, 45.0), splits=("train",),
+        avoid=tuple((name, 0, p.default_ids) for name, p in PRESETS.items())),
+)}
+
+
 def get_preset(name: str) -> Preset:
-    """The preset called ``name``; an unknown name is an error that lists the known ones."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown synthetic preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name]
+    """The preset (or corpus preset) called ``name``; an unknown name is an error that lists the known ones."""
+    known = {**PRESETS, **CORPUS_PRESETS}
+    if name not in known:
+        raise ValueError(f"unknown synthetic preset {name!r}; known: {sorted(known)}")
+    return known[name]
 
 
 def split_sizes(preset: Preset, n_ids: int) -> dict[str, int]:
@@ -154,12 +177,16 @@ def _check_args(size: Any, difficulty: float, seed: Any) -> tuple[int, int]:
 
 
 def plan(preset: Preset, seed: int, n_ids: int, difficulty: float) -> list[dict[str, Any]]:
-    """One job per image: person id (1-based), split, image index, camera and the identity."""
+    """One job per image: person id (1-based), split, image index, camera and the identity.
+
+    The identities of the sets in ``preset.avoid`` are planned first (cheap: no rendering) and their
+    signatures taken, so none of them is drawn again here.
+    """
     code = stable_seed(preset.name)
     rng = np.random.default_rng([seed, code, 1])
     counts = np.array([n for n, _ in preset.images_per_id])
     probs = np.array([p for _, p in preset.images_per_id], dtype=float)
-    taken: set[tuple] = set()
+    taken: set[tuple] = set(avoided_signatures(preset))
     jobs, pid = [], 0
     for split, n in split_sizes(preset, n_ids).items():
         for ident in sample_identities(rng, n, difficulty, taken):
@@ -170,6 +197,15 @@ def plan(preset: Preset, seed: int, n_ids: int, difficulty: float) -> list[dict[
             for k, cam in enumerate(cams):
                 jobs.append({"pid": pid, "split": split, "k": k, "camera": int(cam), "ident": ident})
     return jobs
+
+
+def avoided_signatures(preset: Preset) -> set[tuple]:
+    """Attribute signatures of every identity of the benchmark sets named in ``preset.avoid``."""
+    out: set[tuple] = set()
+    for name, seed, ids in preset.avoid:
+        other = get_preset(name)
+        out.update(signature(j["ident"]) for j in plan(other, seed, ids, other.difficulty))
+    return out
 
 
 def file_name(job: dict[str, Any]) -> str:
@@ -192,7 +228,7 @@ def _png(arr: np.ndarray, palette: list[tuple[int, int, int]] | None = None) -> 
 
 def make_image(job: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     """Render one job: image and mask PNG bytes, captions, and the sidecar entry (without mask path)."""
-    preset = PRESETS[ctx["preset"]]
+    preset = get_preset(ctx["preset"])
     ident, cam = job["ident"], ctx["cameras"][job["camera"]]
     rng = np.random.default_rng([ctx["seed"], stable_seed(preset.name), job["pid"], job["k"]])
     for _ in range(50):  # re-draw the view/occlusion until at least three slots are visible
@@ -346,5 +382,6 @@ def load_mask(root: str | Path, entry: dict[str, Any]) -> np.ndarray:
         return np.asarray(img).copy()
 
 
-__all__ = ["PRESETS", "Preset", "PART_LABELS", "SLOTS", "SIDECAR", "generate", "ensure_synthetic", "read_sidecar",
+__all__ = ["PRESETS", "CORPUS_PRESETS", "Preset", "avoided_signatures", "PART_LABELS", "SLOTS", "SIDECAR", "generate",
+           "ensure_synthetic", "read_sidecar",
            "read_meta", "load_mask", "cache_name", "cache_root", "split_sizes", "get_preset"]

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Mapping
 import pandas as pd
 import torch
 
-from tbps_lib.config import Config, config_diff, config_from_dict, config_hash, config_to_dict, default_runs_dir
+from tbps_lib.config import Config, checkpoint_config, config_diff, config_from_dict, config_hash, config_to_dict, default_runs_dir
 from tbps_lib.data.formats import TBPSDataset
 from tbps_lib.data.loaders import build_tokenizer, prepare_dataset, train_captions
 from tbps_lib.data.text import CaptionTokenizer
@@ -326,7 +326,7 @@ class Run:
         path = self.dir / trainer.BEST
         if not path.is_file():
             raise RunError(f"run {self.dir} has no selected checkpoint ({path}); train it first")
-        model = build_model(self.config)
+        model = build_model(checkpoint_config(self.config, self.tokenizer.vocab_size))
         trainer.load_weights(model, trainer.load_checkpoint(path)["model"], path)
         return model.to(self.device).eval()
 

@@ -176,11 +176,25 @@ IMAGE_ARCHS: dict[str, ImageArch] = {
 }
 
 
-def _resample_vit_pos_embed(state: dict[str, Tensor], model: nn.Module, source: str) -> dict[str, Tensor]:
+def checkpoint_grid(path: Path) -> tuple[int, int] | None:
+    """The patch grid (rows, columns) a safetensors checkpoint records in its metadata (``"grid": "4x2"``,
+    written by ``tbps_lib.pretrain`` for non-square ViTs), else ``None``."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        grid = (f.metadata() or {}).get("grid")
+    return tuple(int(v) for v in grid.split("x")) if grid else None  # type: ignore[return-value]
+
+
+def _resample_vit_pos_embed(state: dict[str, Tensor], model: nn.Module, source: str,
+                            grid: tuple[int, int] | None = None) -> dict[str, Tensor]:
     """Resize a ViT checkpoint's absolute position embeddings to the model's patch grid.
 
-    The checkpoint's grid is inferred as square (how ViTs are pretrained, e.g. 14x14 at 224x224); a
-    non-square checkpoint grid with another token count cannot be inferred and is an error.
+    The checkpoint's grid is ``grid`` when the checkpoint records it, else inferred as square (how ViTs
+    are pretrained, e.g. 14x14 at 224x224); a non-square grid with another token count cannot be inferred
+    and is an error.
     """
     from timm.layers import resample_abs_pos_embed
 
@@ -190,13 +204,14 @@ def _resample_vit_pos_embed(state: dict[str, Tensor], model: nn.Module, source: 
     prefix = model.num_prefix_tokens
     n_patches = pos.shape[1] - prefix
     side = math.isqrt(n_patches)
-    if side * side != n_patches or pos.shape[-1] != model.pos_embed.shape[-1]:
+    old = list(grid) if grid and grid[0] * grid[1] == n_patches else [side, side]
+    if old[0] * old[1] != n_patches or pos.shape[-1] != model.pos_embed.shape[-1]:
         raise ValueError(f"image.pretrained: cannot resize pos_embed {tuple(pos.shape)} in {source} to the "
                          f"model's {tuple(model.pos_embed.shape)} (grid {tuple(model.patch_embed.grid_size)}): "
                          f"its {n_patches} patch positions are not a square grid, or the width differs")
     state = dict(state)
     state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
-                                                old_size=[side, side], num_prefix_tokens=prefix)
+                                                old_size=old, num_prefix_tokens=prefix)
     return state
 
 
@@ -226,7 +241,7 @@ class ImageEncoder(nn.Module):
         file = _resolve_weights_file(path, "image.pretrained", ("model.safetensors", "pytorch_model.bin"))
         state = load_state_dict_file(file, "image.pretrained")
         if self.spec.kind == "vit":
-            state = _resample_vit_pos_embed(state, self.model, str(file))
+            state = _resample_vit_pos_embed(state, self.model, str(file), checkpoint_grid(file))
         if self.spec.checkpoint_filter is not None:
             try:
                 state = self.spec.checkpoint_filter(state, self.model)
@@ -259,10 +274,18 @@ class ImageEncoder(nn.Module):
 
 def build_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
     """The image encoder of ``cfg`` (``arch``, ``img_size``, ``drop_path``), with weights from
-    ``cfg.pretrained`` when given (else random initialisation: ``pretrained_source is None``)."""
+    ``cfg.pretrained`` when given (else random initialisation: ``pretrained_source is None``).
+
+    ``workbook:<arch>`` names the workbook's own pretrained weights (``tbps_lib.pretrain``), trained on first
+    use; ``pretrained_source`` is then ``workbook:<arch>@<hash>``."""
+    from tbps_lib.pretrain import resolve_pretrained
+
     encoder = ImageEncoder(cfg.arch, tuple(cfg.img_size), cfg.drop_path)
-    if cfg.pretrained is not None:
-        encoder.load_pretrained(cfg.pretrained)
+    path, label = resolve_pretrained(cfg.pretrained, "image.pretrained")
+    if path is not None:
+        encoder.load_pretrained(path)
+        if label != path:
+            encoder.pretrained_source = label
     return encoder
 
 
@@ -285,6 +308,9 @@ TEXT_ARCHS: dict[str, TextArch] = {
                                    "intermediate_size": 3072}),  # BERT-base-uncased
     "bert_smoke": TextArch("bert", {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                                     "intermediate_size": 512}),
+    # Any BERT-family folder (BERT-base/large, MiniLM, ...): its config.json decides the sizes; needs
+    # text.pretrained. The named entries check that the folder has their sizes (paper presets: bert_base).
+    "bert": TextArch("bert", {}),
     # Bi-GRU over word embeddings; out_dim = 2 * hidden_size (1024 for DSSL's p = 1024).
     "bigru": TextArch("bigru", {"embed_dim": 300, "hidden_size": 512}),
     "bigru_smoke": TextArch("bigru", {"embed_dim": 128, "hidden_size": 64}),
@@ -317,7 +343,11 @@ class _Freezable(nn.Module):
 
 
 class BertTextEncoder(_Freezable):
-    """transformers ``BertModel`` without its pooler; ``pooled`` is the final [CLS] hidden state."""
+    """transformers ``BertModel`` without its pooler; ``pooled`` is the final [CLS] hidden state.
+
+    A named arch (``bert_base``, ``bert_smoke``) refuses a pretrained folder of other sizes; ``arch="bert"``
+    takes any BERT-family folder and its ``config.json`` decides the sizes.
+    """
 
     def __init__(self, arch: str, vocab_size: int, max_length: int, pretrained: str | None = None) -> None:
         super().__init__()
@@ -327,6 +357,10 @@ class BertTextEncoder(_Freezable):
         sizes = dict(TEXT_ARCHS[arch].sizes)
         self.pretrained_source: str | None = None
         if pretrained is None:
+            if not sizes:
+                raise ValueError(f"text.arch={arch!r} takes its sizes from a pretrained folder: set text.pretrained "
+                                 f"to a Hugging Face BERT folder, or choose a sized arch "
+                                 f"({', '.join(k for k, v in TEXT_ARCHS.items() if v.kind == 'bert' and v.sizes)})")
             if vocab_size <= 0:
                 raise ValueError(f"text.vocab_size must be > 0, got {vocab_size}")
             config = BertConfig(vocab_size=vocab_size, max_position_embeddings=max(512, max_length),
@@ -398,7 +432,14 @@ class BiGRUTextEncoder(_Freezable):
     """
 
     def __init__(self, arch: str, vocab_size: int, pretrained: str | None = None) -> None:
+        """``vocab_size`` words, or as many as the embedding of the ``pretrained`` checkpoint has."""
         super().__init__()
+        file = None
+        if pretrained is not None:  # the checkpoint's vocabulary decides the embedding size
+            file = _resolve_weights_file(pretrained, "text.pretrained", ("model.safetensors", "pytorch_model.bin"))
+            state = load_state_dict_file(file, "text.pretrained")
+            if "embedding.weight" in state:
+                vocab_size = int(state["embedding.weight"].shape[0])
         if vocab_size <= 0:
             raise ValueError(f"text.vocab_size must be > 0, got {vocab_size}")
         self.arch = arch
@@ -409,10 +450,8 @@ class BiGRUTextEncoder(_Freezable):
         self.word_dim: int = sizes["embed_dim"]  # width of the input word embeddings
         self.vocab_size: int = vocab_size
         self.pretrained_source: str | None = None
-        if pretrained is not None:
-            file = _resolve_weights_file(pretrained, "text.pretrained", ("model.safetensors", "pytorch_model.bin"))
-            load_matching_state_dict(self, load_state_dict_file(file, "text.pretrained"), str(file),
-                                     "text.pretrained")
+        if file is not None:
+            load_matching_state_dict(self, state, str(file), "text.pretrained")
             self.pretrained_source = str(file)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, replace: Tensor | None = None,
@@ -441,14 +480,19 @@ TextEncoder = BertTextEncoder | BiGRUTextEncoder
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     """The text encoder of ``cfg``: ``arch``, weights from ``cfg.pretrained`` (a BERT folder, or a
-    state-dict file for the bi-GRU) else random initialisation with ``cfg.vocab_size`` words; frozen
-    (no gradients, eval mode) when ``cfg.freeze``."""
+    state-dict file / folder for the bi-GRU, or ``workbook:<arch>``: ``tbps_lib.pretrain``) else random
+    initialisation with ``cfg.vocab_size`` words; frozen (no gradients, eval mode) when ``cfg.freeze``."""
+    from tbps_lib.pretrain import resolve_pretrained
+
     if cfg.arch not in TEXT_ARCHS:
         raise ValueError(f"text.arch: unknown text architecture {cfg.arch!r}; known: {sorted(TEXT_ARCHS)}")
+    path, label = resolve_pretrained(cfg.pretrained, "text.pretrained")
     if TEXT_ARCHS[cfg.arch].kind == "bert":
-        encoder: TextEncoder = BertTextEncoder(cfg.arch, cfg.vocab_size, cfg.max_length, cfg.pretrained)
+        encoder: TextEncoder = BertTextEncoder(cfg.arch, cfg.vocab_size, cfg.max_length, path)
     else:
-        encoder = BiGRUTextEncoder(cfg.arch, cfg.vocab_size, cfg.pretrained)
+        encoder = BiGRUTextEncoder(cfg.arch, cfg.vocab_size, path)
+    if label != path:
+        encoder.pretrained_source = label
     if cfg.freeze:
         encoder.freeze()
     return encoder
