@@ -60,6 +60,8 @@ class MomentumToy(RetrievalModel):
         self.image_encoder = nn.Sequential(nn.AdaptiveAvgPool2d((2, 1)), nn.Flatten(), nn.Linear(6, m.dim))
         self.text_encoder = nn.Embedding(cfg.text.vocab_size, m.dim)
         self.classifier = nn.Linear(m.dim, m.num_classes)
+        # the pairwise second stage (rescore); a fixed random map here: the test checks the plumbing
+        self.itm = nn.Linear(m.dim, m.dim, bias=False).requires_grad_(False)
         self.image_encoder_m = copy.deepcopy(self.image_encoder).requires_grad_(False)
         self.text_encoder_m = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(m.queue_size, m.dim), dim=1))
@@ -96,6 +98,12 @@ class MomentumToy(RetrievalModel):
         ident = F.cross_entropy(self.classifier(txt), batch["labels"])
         warm = torch.tensor(ctx.progress if ctx is not None else 1.0)
         return {"itc": itc, "mpm": mpm, "id": ident, "loss": itc + warm * 0.1 * mpm + 0.1 * ident}
+
+    def rescore(self, image_feats, text_feats, candidates):
+        """Pairwise second stage: -|normalised itm(text) - image|^2 for each candidate image."""
+        mapped = F.normalize(self.itm(text_feats["global"]), dim=-1)  # [n, d]
+        images = F.normalize(image_feats["global"], dim=-1)[candidates]  # [n, k, d]
+        return -(images - mapped[:, None]).pow(2).sum(-1)
 
     def after_optimizer_step(self, ctx: TrainingContext) -> None:
         m = self.cfg.model
@@ -298,7 +306,19 @@ def test_two_stages_chained_runs_then_evaluate_and_search(data, tmp_path):
     caption = searcher.encoded.captions[0]
     table = searcher.search(caption, k=3)
     assert len(table) == 3 and table["rank"].tolist() == [1, 2, 3]
-    # fw_infer: the two-stage "rescore" hook (evaluate / search with rerank="rescore") is tested here.
+
+    # Two-stage inference: the first-stage top-k re-scored by the method's pairwise head, in evaluation
+    # and in search; the search's order is the head's order of the first stage's top-k.
+    assert stage2.model.can_rescore
+    rescored = stage2.evaluate("test", rerank="rescore")
+    assert rescored["rerank"] == "rescore" and set(metrics) <= set(rescored)
+    k = 4
+    found = searcher.search(caption, k=k, rerank="rescore", rerank_params={"k": k})
+    text = searcher.encode_caption(caption)
+    first = searcher.scores(text).topk(k).indices
+    head = stage2.model.rescore(searcher.encoded.image_feats, text, first[None])[0]
+    expected = first[torch.argsort(head, descending=True, stable=True)]
+    assert found["gallery_index"].tolist() == expected.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
