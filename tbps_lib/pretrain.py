@@ -38,7 +38,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -322,12 +322,45 @@ def _split_holdout(n: int, seed: int, share: float = 0.05, cap: int = 512) -> tu
 # Training
 
 
+def _optimise(cfg: PretrainConfig, module: nn.Module, opt: torch.optim.Optimizer,
+              sched: torch.optim.lr_scheduler.LambdaLR, gen: torch.Generator, train_idx: np.ndarray,
+              step_loss: Callable[[Tensor], Tensor], validate: Callable[[], tuple[float, float]],
+              progress: bool) -> list[dict[str, Any]]:
+    """The pretraining loop shared by the image and text tasks: ``cfg.steps`` steps on random batches of
+    ``train_idx`` (drawn from ``gen``), and every ``cfg.log_every`` steps a history line with the mean
+    training loss and ``validate()``'s held-out loss and accuracy (in eval mode, without gradients)."""
+    from tbps_lib.utils import progress as progress_bar
+
+    history: list[dict[str, Any]] = []
+    running: list[float] = []
+    bar = progress_bar(total=cfg.steps, enabled=progress, desc=f"pretrain {cfg.arch}", unit="step")
+    for step in range(1, cfg.steps + 1):
+        module.train()
+        idx = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
+        loss = step_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            module.eval()
+            with torch.no_grad():
+                val_loss, val_acc = validate()
+            history.append({"step": step, "loss": float(np.mean(running)), "val_loss": val_loss,
+                            "val_accuracy": val_acc})
+            running = []
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_acc=f"{val_acc:.3f}")
+    bar.close()
+    return history
+
+
 def _train_image(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Multi-label attribute classification on the corpus images; writes ``model.safetensors``."""
     from safetensors.torch import save_file
 
     from tbps_lib.models.encoders import ImageEncoder
-    from tbps_lib.utils import progress as progress_bar
 
     torch.manual_seed(cfg.seed)
     ds = load_corpus(cfg)
@@ -342,31 +375,17 @@ def _train_image(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[d
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    history, running = [], []
-    bar = progress_bar(total=cfg.steps, enabled=progress, desc=f"pretrain {cfg.arch}", unit="step")
-    for step in range(1, cfg.steps + 1):
-        encoder.train()
-        idx = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
+    def step_loss(idx: Tensor) -> Tensor:
         flip = torch.rand(len(idx), generator=gen) < 0.5
-        loss = head.loss(encoder(_as_input(images[idx], flip)).pooled, targets[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running.append(loss.item())
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            encoder.eval()
-            with torch.no_grad():
-                feats = torch.cat([encoder(_as_input(images[torch.from_numpy(val_idx[i:i + 256])])).pooled
-                                   for i in range(0, len(val_idx), 256)])
-                val_t = targets[torch.from_numpy(val_idx)]
-                history.append({"step": step, "loss": float(np.mean(running)),
-                                "val_loss": head.loss(feats, val_t).item(),
-                                "val_accuracy": head.accuracy(feats, val_t)})
-            running = []
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_acc=f"{history[-1]['val_accuracy']:.3f}")
-    bar.close()
+        return head.loss(encoder(_as_input(images[idx], flip)).pooled, targets[idx])
+
+    def validate() -> tuple[float, float]:
+        feats = torch.cat([encoder(_as_input(images[torch.from_numpy(val_idx[i:i + 256])])).pooled
+                           for i in range(0, len(val_idx), 256)])
+        val_t = targets[torch.from_numpy(val_idx)]
+        return head.loss(feats, val_t).item(), head.accuracy(feats, val_t)
+
+    history = _optimise(cfg, encoder, opt, sched, gen, train_idx, step_loss, validate, progress)
     state = {k: v.detach().contiguous() for k, v in encoder.model.state_dict().items()}
     meta = {"format": "pt", "arch": cfg.arch, "img_size": "x".join(map(str, cfg.img_size))}
     if hasattr(encoder.model, "patch_embed") and encoder.spec.kind == "vit":  # a non-square grid cannot be guessed
@@ -380,7 +399,6 @@ def _train_text(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[di
     """Masked language modelling on the corpus captions; writes a BERT folder or the bi-GRU's files."""
     from tbps_lib.data.text import IGNORE_INDEX, CaptionTokenizer, mask_mlm
     from tbps_lib.models.encoders import TEXT_ARCHS, BiGRUTextEncoder
-    from tbps_lib.utils import progress as progress_bar
 
     torch.manual_seed(cfg.seed)
     captions, dropped = corpus_captions(cfg)
@@ -422,27 +440,11 @@ def _train_text(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[di
         acc = (logits[sel].argmax(-1) == labels[sel]).float().mean().item()
         return nn.functional.cross_entropy(logits[sel], labels[sel]), acc
 
-    history, running = [], []
-    bar = progress_bar(total=cfg.steps, enabled=progress, desc=f"pretrain {cfg.arch}", unit="step")
-    for step in range(1, cfg.steps + 1):
-        model.train()
-        idx = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
-        loss, _ = mlm_loss(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running.append(loss.item())
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            model.eval()
-            with torch.no_grad():
-                val_loss, val_acc = mlm_loss(torch.from_numpy(val_idx))
-            history.append({"step": step, "loss": float(np.mean(running)), "val_loss": val_loss.item(),
-                            "val_accuracy": val_acc})
-            running = []
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_acc=f"{val_acc:.3f}")
-    bar.close()
+    def validate() -> tuple[float, float]:
+        val_loss, val_acc = mlm_loss(torch.from_numpy(val_idx))
+        return val_loss.item(), val_acc
+
+    history = _optimise(cfg, model, opt, sched, gen, train_idx, lambda idx: mlm_loss(idx)[0], validate, progress)
     if spec.kind == "bert":
         from tokenizers import Tokenizer
         from transformers import BertTokenizerFast
