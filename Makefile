@@ -30,9 +30,12 @@ test-units: $(STAMP)
 test-notebooks: $(STAMP)
 	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 $(PY) -m pytest $(PYTEST_NB) notebooks
 
-## The main job: execute every notebook headless in smoke mode (the `full` budget: every table row with
-## 3 seeds), regenerating figures/ and tables.
+## The main job: train every run the notebooks need, two processes at a time (`tbps reproduce`: the
+## pretrained smoke backbones, each method's default run and its notebook's tables with 3 seeds, the `full`
+## budget), then execute every notebook headless (they only load runs), regenerating figures/ and tables.
+JOBS ?= 2
 reproduce: $(STAMP)
+	TBPS_MODE=$${TBPS_MODE:-smoke} TBPS_BUDGET=full $(VENV)/bin/tbps reproduce --jobs $(JOBS)
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
 	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} TBPS_BUDGET=full $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
 	    --execute --inplace --ExecutePreprocessor.timeout=3600 $$nb || exit 1; done

@@ -6,7 +6,8 @@
 ``tbps runs list`` tables the run registry; ``tbps pretrain`` trains the pretrained smoke backbones;
 ``tbps search RUN "caption" [--gallery DIR]`` ranks a run's test gallery, or a folder of images, for a caption
 (``tbps_lib.search``; RUN is a run folder or a file written by ``tbps export``);
-``tbps export RUN_DIR --out model.tbps`` writes a trained run as one portable file (``tbps_lib.export``).
+``tbps export RUN_DIR --out model.tbps`` writes a trained run as one portable file (``tbps_lib.export``);
+``tbps reproduce`` trains every run the notebooks need, several processes at a time (``make reproduce``).
 Each sub-command is a small function over the library; errors in the input are printed as one clear line
 (exit status 2), never as a traceback.
 """
@@ -204,6 +205,68 @@ def _roots(pairs: Sequence[str]) -> dict[str, str]:
     return roots
 
 
+def _workbook_weights(value: object) -> set[str]:
+    """Every ``workbook:<name>`` string inside a (nested) config dict."""
+    from tbps_lib.pretrain import WORKBOOK_PREFIX
+
+    if isinstance(value, dict):
+        return set().union(*(_workbook_weights(v) for v in value.values())) if value else set()
+    if isinstance(value, str) and value.startswith(WORKBOOK_PREFIX):
+        return {value[len(WORKBOOK_PREFIX):]}
+    return set()
+
+
+def _pretrain_one(name: str) -> str:
+    from tbps_lib import pretrain
+
+    return str(pretrain.ensure_pretrained(pretrain.workbook_config(name, "pretrained"), progress=False))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Train every run the notebooks need, ``--jobs`` processes at a time: the pretrained smoke backbones
+    first, then each method's default run and the rows of the tables its notebook trains in the budget
+    (``analysis.tables.reproduce_plan``). ``make reproduce`` runs this before executing the notebooks,
+    which then only load runs."""
+    import time
+
+    from tbps_lib.analysis.tables import reproduce_plan
+    from tbps_lib.config import BUDGETS, NotebookParams, config_to_dict
+    from tbps_lib.engine.runs import find_run, run_parallel, train_many
+    from tbps_lib.models.registry import list_methods
+
+    methods = args.methods or list_methods()
+    unknown = sorted(set(methods) - set(list_methods()))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; registered: {list_methods()}")
+    budget = BUDGETS[args.budget]
+    params = NotebookParams(mode=args.mode, data=args.data, runs=args.runs or "", budget=budget.name,
+                            seeds=budget.seeds, train_changes=budget.changes if args.mode == "smoke" else ())
+    plan = reproduce_plan(methods, params)
+    distinct = plan.drop_duplicates("hash")
+    runs_dir = args.runs or None
+    done = [find_run(cfg, runs_dir) is not None for cfg in distinct["config"]]
+    counts = distinct.assign(done=done).groupby("method", sort=False)["done"].agg(["size", "sum"])
+    print(f"budget {budget.name}, mode {args.mode}, seeds 0..{params.seeds - 1}, {args.jobs} job(s) x "
+          f"{args.threads} thread(s):")
+    for method, (size, finished) in counts.iterrows():
+        print(f"  {method}: {size} distinct runs, {finished} already finished")
+    if args.dry_run:
+        return 0
+    start = time.perf_counter()
+    weights = sorted(set().union(*(_workbook_weights(config_to_dict(c)) for c in distinct["config"])))
+    if weights:
+        run_parallel(_pretrain_one, [(w,) for w in weights], args.jobs, args.threads, not args.quiet,
+                     desc="pretrained weights")
+    pretrain_s = time.perf_counter() - start
+    result = train_many(list(distinct["config"]), runs_dir, args.jobs, args.threads, progress=not args.quiet)
+    total = time.perf_counter() - start
+    trained = result[result["trained_now"]]
+    print(f"pretrained weights ({', '.join(weights) or 'none'}): {pretrain_s:.0f} s; {len(trained)} runs "
+          f"trained ({trained['wall_time_s'].sum():.0f} s of run time), {len(result) - len(trained)} loaded; "
+          f"wall time {total:.0f} s")
+    return 0
+
+
 def cmd_tables(args: argparse.Namespace) -> int:
     """Write the papers' tables (reported + reproduced from the run registry) and the leaderboard as Markdown
     and CSV; optionally rewrite the README's generated section. Never trains."""
@@ -353,6 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "TBPS_STALE=retrain or train_or_load(..., stale='retrain'))")
     p.add_argument("--json", action="store_true", help="print the table as JSON records")
     p.set_defaults(func=cmd_runs_list)
+
+    p = sub.add_parser("reproduce", help="train every run the notebooks need, several at a time (make reproduce)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="registered methods (default all)")
+    p.add_argument("--budget", default=os.environ.get("TBPS_BUDGET", "full"), choices=["full", "ci"],
+                   help="notebook budget: full (make reproduce) or ci (make test); default $TBPS_BUDGET or full")
+    p.add_argument("--mode", default=os.environ.get("TBPS_MODE", "smoke"), choices=["smoke", "paper"])
+    p.add_argument("--data", default=os.environ.get("TBPS_DATA") or "synthetic:cuhk-like",
+                   help="dataset of the methods' default runs (default $TBPS_DATA or synthetic:cuhk-like)")
+    p.add_argument("--runs", default=None, help="run registry folder (default $TBPS_RUNS or ./runs)")
+    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                   help="runs trained at once, one process each (default: 2, or 1 on a one-core machine)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("tables", help="write the papers' tables (reported + reproduced) and the leaderboard")
     p.add_argument("--out", default="results", help="output folder (default results)")

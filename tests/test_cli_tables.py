@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -99,3 +101,12 @@ def test_seeds_option_and_the_noise_rule_in_the_pages(tmp_path, toy_run):
     assert {"agree", "disagree", "within noise", "repeated pair"} <= set(summary.columns)
     csv = pd.read_csv(out / "csv" / "acsa_table_III.csv")
     assert {"seeds", "R1 sd", "runs"} <= set(csv.columns)
+
+
+def test_reproduce_dry_run_prints_the_plan(tmp_path, capsys):
+    assert main(["reproduce", "--dry-run", "--methods", "sew_mcm", "--budget", "ci", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "budget ci, mode smoke, seeds 0..1" in out
+    assert re.search(r"sew_mcm: \d+ distinct runs, 0 already finished", out)
+    assert main(["reproduce", "--dry-run", "--methods", "nope", "--runs", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err

@@ -343,3 +343,25 @@ def test_select_device_refuses_missing_cuda(monkeypatch):
     monkeypatch.setenv("TBPS_DEVICE", "cuda")
     with pytest.raises(ValueError, match="CUDA is not available"):
         select_device()
+
+
+def test_run_parallel_keeps_the_order_of_calls_across_processes(data):
+    """Two spawned processes (the library's own function, importable in a fresh interpreter)."""
+    configs = [toy_config(data, seed=s) for s in range(4)]
+    calls = [(c,) for c in configs]
+    assert runs.run_parallel(config_hash, calls, jobs=2, progress=False) == [config_hash(c) for c in configs]
+    assert runs.run_parallel(config_hash, calls, jobs=1, progress=False) == [config_hash(c) for c in configs]
+
+
+def test_train_many_trains_each_config_once_and_chained_runs_last(data, tmp_path, monkeypatch):
+    first = toy_config(data, **{"optim.epochs": 1})
+    stage1_name = f"toy-{config_hash(resolve_config(first, runs.prepare_dataset(first)))}"
+    chained = toy_config(data, **{"optim.epochs": 1, "init.from_run": stage1_name})
+    order = []
+    real = runs._train_one
+    monkeypatch.setattr(runs, "_train_one", lambda cfg, *a: order.append(cfg.init.from_run) or real(cfg, *a))
+    table = runs.train_many([chained, first, first], tmp_path, jobs=1, progress=False)
+    assert order == [None, stage1_name]  # the duplicate trained once; the chained run after its source
+    assert table["trained_now"].tolist() == [True, True] and (table["wall_time_s"] > 0).all()
+    again = runs.train_many([first], tmp_path, jobs=1, progress=False)
+    assert again["trained_now"].tolist() == [False] and again["wall_time_s"].tolist() == [0.0]

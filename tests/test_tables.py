@@ -412,3 +412,26 @@ def test_reproduction_rows_mark_runs_made_by_other_code(data, registry_dir, monk
     line = _line(frame, 1)
     assert line["status"] == "measured" and line["stale"] == "2/2"
     assert "stale run(s) of seed(s) [0, 1]" in line["reason"]
+
+
+def test_reproduce_plan_is_what_the_notebooks_train():
+    """`tbps reproduce` trains the default run of each method plus the rows of the tables its notebook
+    trains in the budget (the registry's `trained_tables`), with the budget's seeds and changes."""
+    from tbps_lib.analysis.tables import plan_tables, reproduce_plan, trained_tables
+    from tbps_lib.config import BUDGETS, NotebookParams, config_hash, make_config
+
+    ci = BUDGETS["ci"]
+    params = NotebookParams(mode="smoke", data="synthetic:cuhk-like", runs="", budget="ci", seeds=ci.seeds,
+                            train_changes=ci.changes)
+    plan = reproduce_plan(["baseline", "sew_mcm"], params)
+    assert trained_tables("sew_mcm", "ci") == ("4",) and trained_tables("baseline", "full") == ()
+    default = plan[plan["table"] == "default"]
+    assert default["method"].tolist() == ["baseline", "sew_mcm"]
+    assert default["hash"].tolist() == [config_hash(make_config(m, "smoke", "synthetic:cuhk-like"))
+                                        for m in ("baseline", "sew_mcm")]
+    rows = plan[plan["table"] != "default"]
+    lookup = RunLookup("smoke", seeds=ci.seeds, changes=params.changes)
+    assert rows["hash"].tolist() == plan_tables("sew_mcm", ("4",), "smoke", lookup)["hash"].tolist()
+    assert set(rows["seed"]) == {0, 1} and all(c.optim.max_steps == 12 for c in rows["config"])
+    with pytest.raises(ValueError, match="unknown budget"):
+        trained_tables("sew_mcm", "weekly")

@@ -495,6 +495,45 @@ def table_configs(paper: str, table: str | int, preset: str = "smoke", lookup: R
     return pd.DataFrame(lines, columns=["order", "row", "dataset", "seed", "method", "config", "hash"])
 
 
+def trained_tables(method: str, budget: str) -> tuple[str, ...]:
+    """The paper tables whose rows ``method``'s notebook trains in smoke mode under ``budget``
+    (``MethodSpec.trained_tables``; empty when the method declares none for it)."""
+    from tbps_lib.config import BUDGETS
+    from tbps_lib.models.registry import method_spec
+
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; budgets: {list(BUDGETS)}")
+    return tuple(method_spec(method).trained_tables.get(budget, ()))
+
+
+def plan_tables(paper: str, tables: Iterable[str], preset: str = "smoke", lookup: RunLookup | None = None
+                ) -> pd.DataFrame:
+    """:func:`table_configs` of several tables of one paper, one frame with a ``table`` column."""
+    frames = [table_configs(paper, t, preset, lookup).assign(table=str(t)) for t in tables]
+    columns = ["table", "order", "row", "dataset", "seed", "method", "config", "hash"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:
+    """Every run the notebooks of ``methods`` train under ``params`` (a
+    :class:`~tbps_lib.config.NotebookParams`): each method's default run on ``params.data`` (table
+    ``default``: the run notebooks 00-02 and 09-12 load) and, in smoke mode, the rows of its
+    :func:`trained_tables` for ``params.budget`` with seeds 0..params.seeds-1. ``tbps reproduce`` trains
+    them all before the notebooks run, so the notebooks only load."""
+    from tbps_lib.config import config_hash, make_config
+
+    lookup = RunLookup(params.mode, params.runs, seeds=params.seeds, changes=params.changes)
+    frames = []
+    for method in methods:
+        cfg = make_config(method, params.mode, dataset=params.data)
+        frames.append(pd.DataFrame([{"table": "default", "order": 0, "row": "default", "dataset": params.data,
+                                     "seed": cfg.seed, "method": method, "config": cfg,
+                                     "hash": config_hash(cfg)}]))
+        if params.mode == "smoke":
+            frames.append(plan_tables(method, trained_tables(method, params.budget), params.mode, lookup))
+    return pd.concat(frames, ignore_index=True)
+
+
 def measure_row(plan: RowPlan, dataset: str, lookup: RunLookup) -> dict[str, Any]:
     """Status, measured metrics and provenance of one planned row on one paper dataset (``A->B``:
     train on A, test on B), over the seeds 0..lookup.seeds-1.

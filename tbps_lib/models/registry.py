@@ -46,6 +46,10 @@ class MethodSpec:
     ``tbps_lib.analysis.figures.regenerate`` draw the figures of every registered method over the runs asked
     for, so a figure comparing methods (e.g. Sew's modality gap of the baseline against Sew/MCM) is drawn
     once for all of them. Figure names are unique across methods.
+
+    ``trained_tables`` maps a notebook budget (``tbps_lib.config.BUDGETS``: ``"full"``, ``"ci"``) to the paper
+    tables whose rows the method's notebook trains in smoke mode under that budget; the notebook and
+    ``tbps reproduce`` (which trains them all up front, several runs at a time) read the same entry.
     """
 
     name: str
@@ -54,6 +58,7 @@ class MethodSpec:
     presets: Mapping[str, PresetFn]
     paper_rows: PaperRowFn | None = None
     figures: Mapping[str, FigureFn | str] = field(default_factory=dict)
+    trained_tables: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -61,9 +66,11 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn],
                     paper_rows: PaperRowFn | None = None,
-                    figures: Mapping[str, FigureFn | str] | None = None) -> Callable[[type], type]:
+                    figures: Mapping[str, FigureFn | str] | None = None,
+                    trained_tables: Mapping[str, tuple[str, ...]] | None = None) -> Callable[[type], type]:
     """Class decorator: register ``model_cls`` as method ``name`` with its config class, presets and
-    (optionally) the mapping of its paper's table rows to configs and its figures (see :class:`MethodSpec`)."""
+    (optionally) the mapping of its paper's table rows to configs, its figures and the tables its notebook
+    trains per budget (see :class:`MethodSpec`)."""
     from tbps_lib.models.base import MethodConfig, RetrievalModel
 
     if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
@@ -76,7 +83,9 @@ def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn]
                             f"tbps_lib.models.base.RetrievalModel")
         if name in _REGISTRY and _REGISTRY[name].model_cls is not model_cls:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets), paper_rows, dict(figures or {}))
+        tables = {budget: tuple(str(t) for t in names) for budget, names in (trained_tables or {}).items()}
+        _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets), paper_rows, dict(figures or {}),
+                                     tables)
         return model_cls
     return deco
 

@@ -206,7 +206,7 @@ FIGURES = {name: f"tbps_lib.analysis.figures:{fn}" for name, fn in (
 
 
 @register_method("sew_mcm", SewMCMConfig, presets={"smoke": smoke_preset, "paper": paper_preset},
-                 paper_rows=paper_rows, figures=FIGURES)
+                 paper_rows=paper_rows, figures=FIGURES, trained_tables={"full": ("4", "5", "6"), "ci": ("4",)})
 class SewMCM(DualEncoder):
     """The shared dual encoder (the baseline's) + Sew calibration losses + the MCM decoder (training only)."""
 
