@@ -25,9 +25,10 @@ Image architectures (``IMAGE_ARCHS``), all at any ``img_size`` (height, width):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -342,6 +343,23 @@ class _Freezable(nn.Module):
         return super().train(mode and not self.frozen)
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hugging Face's loading messages and progress bar off (restored afterwards): the library checks the
+    loaded keys itself and reports what does not fit as one error."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class BertTextEncoder(_Freezable):
     """transformers ``BertModel`` without its pooler; ``pooled`` is the final [CLS] hidden state.
 
@@ -393,8 +411,9 @@ class BertTextEncoder(_Freezable):
             raise ValueError(f"text.pretrained={path!r} (model_type {config.model_type!r}) does not fit text.arch="
                              f"{self.arch!r}: {detail or 'not a BERT model'}")
         try:
-            model, info = BertModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False,
-                                                    dtype=torch.float32, output_loading_info=True)
+            with _quiet_transformers():  # its load report and bar would repeat what is checked below
+                model, info = BertModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False,
+                                                        dtype=torch.float32, output_loading_info=True)
         except RuntimeError as e:  # transformers raises on mis-shaped tensors
             raise ValueError(f"text.pretrained: the weights in {folder} do not fit {self.arch!r}: {e}") from e
         ignorable = ("pooler.", "cls.", "embeddings.position_ids")  # pooler / pre-training heads, unused
