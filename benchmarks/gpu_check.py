@@ -77,7 +77,7 @@ def eval_batches(cfg, sizes: dict[str, int], device: torch.device, seed: int = 0
     captions = []
     for s in range(0, n_cap, bs):
         n = min(bs, n_cap - s)
-        batch = random_batch(cfg, n, torch.device("cpu"))
+        batch = random_batch(cfg, n, torch.device("cpu"), training=False)
         index = torch.arange(s, s + n) // 2 % n_img
         batch.update(pids=image_pids[index], labels=torch.full((n,), -1), image_index=index)
         captions.append(batch)

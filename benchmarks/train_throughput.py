@@ -22,21 +22,45 @@ from tbps_lib.models import build_model
 from tbps_lib.utils import select_device
 
 
-def random_batch(cfg, batch_size: int, device: torch.device) -> dict:
-    """A batch with the keys of models/base.py: 2 pairs per identity, full-length captions."""
+#: Captions for the method's extra batch fields (noun phrases, masked phrase words): the builders of
+#: ``data.loaders.BATCH_FIELDS`` run on them, so the fields have the shapes and contents a real batch has.
+TEMPLATE_CAPTIONS = (
+    "a woman in a red coat carrying a black backpack and wearing white shoes",
+    "the man has short black hair, a blue shirt, grey trousers and brown boots",
+    "a young person with a yellow umbrella walks past a green car in a long skirt",
+)
+
+
+def random_batch(cfg, batch_size: int, device: torch.device, training: bool = True) -> dict:
+    """A batch with the keys of models/base.py: 2 pairs per identity, full-length random token ids, plus the
+    fields the method asks for (``cfg.model.batch_fields(training)``) built by the library's own builders
+    from template captions."""
+    from tbps_lib.data.loaders import batch_field_builder
+    from tbps_lib.data.text import CaptionTokenizer
+
     h, w = cfg.image.img_size
     length = cfg.text.max_length
     vocab = min(cfg.text.vocab_size, 30522)
     pids = torch.arange(batch_size) // 2
-    return {
-        "images": torch.randn(batch_size, 3, h, w, device=device),
-        "input_ids": torch.randint(5, vocab, (batch_size, length), device=device),
-        "attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
-        "token_lengths": torch.full((batch_size,), length - 2, device=device),
-        "word_lengths": torch.randint(10, 41, (batch_size,), device=device),
-        "pids": pids.to(device), "labels": pids.to(device), "image_index": torch.arange(batch_size, device=device),
-        "captions": ["a person"] * batch_size,
+    captions = [TEMPLATE_CAPTIONS[i % len(TEMPLATE_CAPTIONS)] for i in range(batch_size)]
+    batch = {
+        "images": torch.randn(batch_size, 3, h, w),
+        "input_ids": torch.randint(5, vocab, (batch_size, length)),
+        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+        "token_lengths": torch.full((batch_size,), length - 2),
+        "word_lengths": torch.randint(10, 41, (batch_size,)),
+        "pids": pids, "labels": pids, "image_index": torch.arange(batch_size),
     }
+    fields = cfg.model.batch_fields(training)
+    if fields:
+        tokenizer = CaptionTokenizer.train(TEMPLATE_CAPTIONS * 4, vocab_size=200, max_length=length, min_frequency=1)
+        items = [{"pid": int(p), "caption": c, "draw_seed": i} for i, (p, c) in enumerate(zip(pids, captions))]
+        text = {"captions": captions, **tokenizer(captions)}
+        for name, params in fields.items():
+            batch.update(batch_field_builder(name)(text, items, tokenizer, **dict(params)))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["captions"] = captions
+    return batch
 
 
 def bench_config(method: str, preset: str, batch_size: int, changes: dict | None = None):
