@@ -310,7 +310,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
     numbers."""
     from tbps_lib.analysis.figures import regenerate
 
-    out = regenerate(methods=args.methods, mode=args.mode, data=args.data, runs_dir=args.runs, split=args.split,
+    from tbps_lib.models.registry import list_methods
+
+    out = regenerate(methods=args.methods or list_methods(), mode=args.mode, data=args.data, runs_dir=args.runs, split=args.split,
                      n_captions=args.captions, progress=not args.quiet, figures=args.figures)
     for name, table in out.tables.items():
         print(f"== {name}")
@@ -394,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("figures", help="regenerate every registered method's figures from the run registry")
-    p.add_argument("--methods", nargs="+", default=["baseline", "sew_mcm"],
-                   help="registered methods to compare (default: baseline sew_mcm); missing runs are trained")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="registered methods to compare (default: all); missing runs are trained")
     p.add_argument("--mode", default=os.environ.get("TBPS_MODE", "smoke"),
                    help="preset: smoke or paper (default $TBPS_MODE or smoke)")
     p.add_argument("--data", default=os.environ.get("TBPS_DATA") or None,
