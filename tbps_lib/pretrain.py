@@ -93,7 +93,9 @@ WORKBOOK_WEIGHTS: dict[str, PretrainConfig] = {c.arch: c for c in (
     PretrainConfig("resnet_smoke", steps=600, lr=2e-3),
     PretrainConfig("vit_smoke", steps=600, lr=5e-4, weight_decay=0.05),
     PretrainConfig("swin_smoke", steps=600, lr=1e-3, weight_decay=0.05),
-    PretrainConfig("bert_smoke", steps=800, lr=5e-4),
+    # bert_smoke at lr 5e-4 reached 0.40 masked-word accuracy on held-out corpus captions after 800 steps
+    # (still rising); at 2e-3 it reaches 0.68 in the same steps (bigru_smoke: 0.70).
+    PretrainConfig("bert_smoke", steps=800, lr=2e-3),
     PretrainConfig("bigru_smoke", steps=800, lr=2e-3),
 )}
 
@@ -450,8 +452,10 @@ def _train_text(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[di
         from transformers import BertTokenizerFast
 
         from tbps_lib.data.text import TOKENIZER_FILE
+        from tbps_lib.models.encoders import quiet_transformers
 
-        model.save_pretrained(str(out))
+        with quiet_transformers():
+            model.save_pretrained(str(out))
         with tempfile.TemporaryDirectory() as scratch:  # the WordPiece pipeline as a tokenizers.Tokenizer
             backend = Tokenizer.from_file(str(tok.save(scratch) / TOKENIZER_FILE))
         hf_tok = BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]",

@@ -344,7 +344,7 @@ class _Freezable(nn.Module):
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Hugging Face's loading messages and progress bar off (restored afterwards): the library checks the
     loaded keys itself and reports what does not fit as one error."""
     from transformers.utils import logging as hf_logging
@@ -411,7 +411,7 @@ class BertTextEncoder(_Freezable):
             raise ValueError(f"text.pretrained={path!r} (model_type {config.model_type!r}) does not fit text.arch="
                              f"{self.arch!r}: {detail or 'not a BERT model'}")
         try:
-            with _quiet_transformers():  # its load report and bar would repeat what is checked below
+            with quiet_transformers():  # its load report and bar would repeat what is checked below
                 model, info = BertModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False,
                                                         dtype=torch.float32, output_loading_info=True)
         except RuntimeError as e:  # transformers raises on mis-shaped tensors
