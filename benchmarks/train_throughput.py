@@ -28,7 +28,7 @@ def random_batch(cfg, batch_size: int, device: torch.device) -> dict:
     length = cfg.text.max_length
     vocab = min(cfg.text.vocab_size, 30522)
     pids = torch.arange(batch_size) // 2
-    return {
+    batch = {
         "images": torch.randn(batch_size, 3, h, w, device=device),
         "input_ids": torch.randint(5, vocab, (batch_size, length), device=device),
         "attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
@@ -37,6 +37,15 @@ def random_batch(cfg, batch_size: int, device: torch.device) -> dict:
         "pids": pids.to(device), "labels": pids.to(device), "image_index": torch.arange(batch_size, device=device),
         "captions": ["a person"] * batch_size,
     }
+    phrases = cfg.model.batch_fields(True).get("noun_phrases")
+    if phrases:  # e.g. DSSL: every caption has max_phrases phrases of phrase_length tokens
+        n, lp = phrases["max_phrases"], phrases["phrase_length"]
+        batch.update(phrase_ids=torch.randint(5, vocab, (batch_size, n, lp), device=device),
+                     phrase_attention_mask=torch.ones(batch_size, n, lp, dtype=torch.long, device=device),
+                     phrase_counts=torch.full((batch_size,), n, device=device),
+                     phrase_word_spans=torch.stack([torch.arange(n), torch.arange(n) + 1], -1)
+                     .expand(batch_size, n, 2).to(device))
+    return batch
 
 
 def bench_config(method: str, preset: str, batch_size: int, changes: dict | None = None):

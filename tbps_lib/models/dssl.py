@@ -5,7 +5,8 @@ What runs (equation numbers of the paper):
 
 * Features (Section 3.1.1). Image: the backbone's last feature map; V_G = average pool -> GroupNorm -> FC
   (p = ``embed_dim``); M_V = k horizontal strips (adaptive average pooling of the map to k x 1), each
-  GN -> FC -> ReLU -> FC. Text: a bi-GRU over the sentence (final forward + backward states) -> GN -> FC = T_G;
+  GN -> FC -> ReLU -> FC. Text: a bi-GRU over the sentence (final forward + backward states; see
+  ``model.text_pool`` below) -> GN -> FC = T_G;
   the same bi-GRU over each noun phrase (framework batch field ``noun_phrases``, at most ``max_phrases``)
   -> GN -> FC -> ReLU -> FC = the rows of M_T.
 * SDM, Eq. (1)-(3): T_P = Dec(Enc(Z(T_G, r))), T_L = the same for each phrase; trained with the ranking loss
@@ -72,8 +73,12 @@ Choices where the paper is silent or inconsistent (all config fields where they 
   (``"final"``, the paper's and the paper preset's): measured in a full smoke run of the full method with
   "final" (seed 0, cuhk-like, validation split): the nearest other caption shows the same person for 9.6%
   of the captions (images: 38%) and test R@1 was 2.9; the final states of the small bi-GRU barely depend
-  on the caption. The paper preset: ResNet-50 at 384x128 (the size is not
-  given; the person-search convention), bi-GRU with 512 hidden units per direction (p = 1024), batch 32.
+  on the caption.
+* The paper preset: ResNet-50 at 384x128 (the size is not given; the person-search convention), bi-GRU
+  with 512 hidden units per direction (p = 1024), 5000 words (the paper's CUHK-PEDES vocabulary has 4984),
+  batch 32 drawn at random (the sampler is not given; no loss needs two pairs of a person in a batch),
+  random horizontal flips. ``image.pretrained`` / ``text.pretrained`` stay None: point them at local
+  weights (an ImageNet ResNet-50) with ``--set``.
 """
 from __future__ import annotations
 
