@@ -34,7 +34,9 @@ Choices where the paper is silent or inconsistent (all config fields where they 
   The exact schedule is two chained runs (``CONTRIBUTING.md``): stage 1 with ``model.stage1_fraction=1``,
   ``optim.epochs=10``; stage 2 with ``model.stage1_fraction=0``, ``init.from_run=<stage 1>``,
   ``optim.lr=2e-4``, ``optim.milestones=10,20``, ``optim.epochs=30``. The text encoder trains in stage 1
-  (the paper fixes only the ResNet-50).
+  (the paper fixes only the ResNet-50). Stage 1 leaves the heads of stage 2 without gradients: multi-GPU
+  (DDP) training would need ``find_unused_parameters``, which the trainer does not set (single-process
+  training, CPU or one GPU, is unaffected).
 * Inference, Sim_TI (lambda1 = lambda2 = 0.5, the formula is not given): ``cos(V_P, T_P) +
   lambda1 * cos(CA(V_L, T_P), T_P) + lambda2 * cos(CA(T_L, V_P), V_P)``, the global person score plus
   the two attention-based local scores (as in IMG-Net, the paper's baseline). Training-only modules: the
