@@ -36,7 +36,28 @@ def random_batch(cfg, batch_size: int, device: torch.device) -> dict:
         "word_lengths": torch.randint(10, 41, (batch_size,), device=device),
         "pids": pids.to(device), "labels": pids.to(device), "image_index": torch.arange(batch_size, device=device),
         "captions": ["a person"] * batch_size,
+        **random_fields(cfg, batch_size, device),
     }
+
+
+def random_fields(cfg, batch_size: int, device: torch.device) -> dict:
+    """Random tensors shaped like the method's extra batch fields (``cfg.model.batch_fields(True)``;
+    evaluation asks for a subset of the same). ``noun_phrases``: every caption has 1..M phrases of half the
+    phrase length."""
+    out: dict = {}
+    vocab = min(cfg.text.vocab_size, 30522)
+    for name, params in cfg.model.batch_fields(True).items():
+        if name != "noun_phrases":
+            raise ValueError(f"random_batch: no random form of the batch field {name!r} yet")
+        m, lp = params["max_phrases"], params["phrase_length"]
+        counts = torch.randint(1, m + 1, (batch_size,))
+        present = torch.arange(m) < counts[:, None]  # [B, M]
+        mask = (present[..., None] & (torch.arange(lp) < max(3, lp // 2))).long()  # [B, M, Lp]
+        spans = torch.stack([torch.arange(m), torch.arange(m) + 1], dim=-1).expand(batch_size, m, 2)
+        out.update(phrase_ids=(torch.randint(5, vocab, (batch_size, m, lp)) * mask).to(device),
+                   phrase_attention_mask=mask.to(device), phrase_counts=counts.to(device),
+                   phrase_word_spans=spans.masked_fill(~present[..., None], -1).to(device))
+    return out
 
 
 def bench_config(method: str, preset: str, batch_size: int, changes: dict | None = None):

@@ -157,6 +157,7 @@ def test_registered_with_presets_and_paper_settings():
     smoke = make_config("acsa")
     assert (smoke.image.arch, smoke.text.arch) == ("resnet_smoke", "bigru_smoke")
     assert smoke.model.relations == "I+II+III" and smoke.model.local_parts == "partition"
+    assert (smoke.model.mu, smoke.model.gamma, smoke.model.pool) == (1.0, 0.1, "max")
     paper = make_config("acsa", "paper", dataset="cuhk-pedes")
     assert (paper.image.arch, paper.image.img_size, paper.text.arch) == ("swin_tiny", (224, 224), "bert_base")
     assert (paper.embed_dim, paper.text.max_length, paper.data.batch_size) == (768, 100, 16)
@@ -181,7 +182,11 @@ def test_terms_are_the_loss_functions_of_its_features():
     s, s_prime = acam_similarity(visual, texts, mask, 20.0, 20.0)
     expected = acsa_loss(((s + s_prime) / 2).T, batch["pids"], "softmax", 20.0)
     assert out["acsa"].item() == pytest.approx(expected.item(), rel=1e-5)
-    # Eq. (17): cmpm + mu cmpc + gamma acsa
+    # Eq. (17): cmpm + mu cmpc + gamma acsa (mu = 1 in the smoke preset)
+    assert out["loss"].item() == pytest.approx((out["cmpm"] + out["cmpc"] + 0.1 * out["acsa"]).item(), rel=1e-6)
+    model.cfg = model.cfg.__class__(**{**model.cfg.__dict__, "model": AcsaConfig(mu=4.0, num_classes=N_CLASSES,
+                                                                                pool="max", region_pool="max")})
+    out = model(batch)
     assert out["loss"].item() == pytest.approx((out["cmpm"] + 4 * out["cmpc"] + 0.1 * out["acsa"]).item(), rel=1e-6)
 
 
@@ -329,3 +334,24 @@ def test_paper_preset_builds_swin_t_regions_on_a_7_row_grid():
     model = build_model(cfg)  # Swin-T at 224x224, random weights (the text encoder kept small here)
     assert model.grid == (7, 7) and model.region_rows == [(0, 3), (1, 4), (3, 6), (5, 7)]
     assert model.region_proj.out_features == 768
+
+
+# ------------------------------------------------------------------------------------------------------
+# Figure helpers
+
+
+def test_entity_map_and_target_region():
+    import numpy as np
+
+    from tbps_lib.analysis.acsa_figures import _target_region, entity_map, region_names
+
+    model = acsa_model()  # 8x4 grid; regions head rows 0-2, upper 1-3, lower 4-6, feet 6-7
+    heat = entity_map(torch.tensor([0.2, 0.8, 0.0, 0.0, 0.0]), model, has_global=True)
+    assert heat.shape == (8, 4) and heat[:3].eq(1.0).all() and heat[3:].eq(0.2).all()
+    assert region_names(model) == ["head", "upper body", "lower body", "feet"]
+    mask = np.zeros((64, 32), dtype=bool)
+    mask[60:64, 10:20] = True  # shoes: the last rows of the image
+    assert _target_region(mask, model) == (3, 1.0)
+    mask[:] = False
+    mask[2:6] = True  # hair: only the head region's rows
+    assert _target_region(mask, model)[0] == 0
