@@ -223,12 +223,18 @@ def test_gradients_reach_encoders_regions_and_classifier():
     assert next(model.text_encoder.parameters()).grad is not None
 
 
-def test_inference_ignores_the_classifier_and_scores_global_plus_acam():
-    model = acsa_model()
+def encoded_batch(**changes):
+    """An eval-mode model, a batch with phrases, and the batch's image and text encodings."""
+    model = acsa_model(**changes)
     model.eval()
     batch = with_phrases(make_batch())
     with torch.no_grad():
-        img, txt = model.encode_images(batch["images"]), model.encode_texts(batch)
+        return model, batch, model.encode_images(batch["images"]), model.encode_texts(batch)
+
+
+def test_inference_ignores_the_classifier_and_scores_global_plus_acam():
+    model, batch, img, txt = encoded_batch()
+    with torch.no_grad():
         sim = model.similarity(img, txt)
         model.classifier.weight.normal_()  # training-only: perturbing it changes nothing at inference
         img2, txt2 = model.encode_images(batch["images"]), model.encode_texts(batch)
@@ -240,11 +246,8 @@ def test_inference_ignores_the_classifier_and_scores_global_plus_acam():
 
 
 def test_inference_chunks_give_the_same_scores(monkeypatch):
-    model = acsa_model()
-    model.eval()
-    batch = with_phrases(make_batch())
+    model, _, img, txt = encoded_batch()
     with torch.no_grad():
-        img, txt = model.encode_images(batch["images"]), model.encode_texts(batch)
         whole = model.pair_scores(img, txt)
         monkeypatch.setattr(acsa_module, "_SCORE_ELEMENTS", 100)  # one text per ACAM chunk
         assert torch.allclose(model.pair_scores(img, txt), whole, atol=1e-6)
