@@ -310,7 +310,10 @@ def test_paper_rows_map_table_flags_to_configs():
         paper_rows({"relations": "I+II", **v}, "smoke")
     smoke = paper_rows({"image_encoder": "swin_t", "text_encoder": "bilstm"}, "smoke")
     assert smoke == {"model.relations": "I", "image.arch": "swin_smoke", "text.arch": "bigru_smoke",
-                     "image.pretrained": "workbook:swin_smoke", "text.pretrained": "workbook:bigru_smoke"}
+                     "image.pretrained": "workbook:swin_smoke", "text.pretrained": "workbook:bigru_smoke",
+                     "optim.backbone_lr_factor": 0.1}
+    assert "optim.backbone_lr_factor" not in paper_rows({"image_encoder": "resnet50", "text_encoder": "bilstm"},
+                                                         "smoke")  # = relation I, the smoke baseline
     assert paper_rows({"image_encoder": "vit", "text_encoder": "bert"}, "paper") == {
         "model.relations": "I", "image.arch": "vit_base_patch16", "text.arch": "bert_base"}
     with pytest.raises(NotReproducible, match="no Bi-LSTM"):
