@@ -103,3 +103,30 @@ class CrossAttentionBlock(nn.Module):
                                            need_weights=need_weights, average_attn_weights=True)
             x = self.norm_cross(x + out)
         return self.norm_ffn(x + self.ffn(x)), weights
+
+
+def stripe_rows(height: int, n: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, end)`` of ``n`` horizontal stripes of a feature map ``height`` rows tall, top
+    first: stripe p covers rows floor(p h / n) .. ceil((p + 1) h / n) (adaptive pooling's bins), so stripes
+    are equal when n divides h and overlap by a row where it does not. Needs ``1 <= n <= height``."""
+    if not 1 <= n <= height:
+        raise ValueError(f"cannot cut {height} feature rows into {n} horizontal stripes (need 1 <= n <= rows)")
+    return [((p * height) // n, -((-(p + 1) * height) // n)) for p in range(n)]
+
+
+def pool_row_ranges(tokens: Tensor, grid: tuple[int, int], ranges: list[tuple[int, int]],
+                    pool: str = "mean") -> Tensor:
+    """Tokens [B, h*w, D] of a row-major ``grid`` (h, w) -> one pooled feature per band of rows
+    ``[start, end)`` in ``ranges`` (e.g. :func:`stripe_rows`): [B, len(ranges), D], ``pool`` "mean" or
+    "max" over the band's cells."""
+    h, w = grid
+    if tokens.dim() != 3 or tokens.shape[1] != h * w:
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not fill the grid {grid}")
+    if pool not in ("mean", "max"):
+        raise ValueError(f"row pool must be 'mean' or 'max', got {pool!r}")
+    if any(not 0 <= a < b <= h for a, b in ranges):
+        raise ValueError(f"row ranges {ranges} do not lie within the {h} rows of the grid")
+    rows = tokens.view(tokens.shape[0], h, w, tokens.shape[-1])
+    if pool == "mean":
+        return torch.stack([rows[:, a:b].mean(dim=(1, 2)) for a, b in ranges], dim=1)
+    return torch.stack([rows[:, a:b].amax(dim=(1, 2)) for a, b in ranges], dim=1)
