@@ -422,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="train every run the notebooks need, several at a time (make reproduce)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help="registered methods (default all)")
-    p.add_argument("--budget", default=os.environ.get("TBPS_BUDGET", "full"), choices=["full", "ci"],
-                   help="notebook budget: full (make reproduce) or ci (make test); default $TBPS_BUDGET or full")
+    p.add_argument("--budget", default=os.environ.get("TBPS_BUDGET", "full"), choices=["ci", "full", "all"],
+                   help="notebook budget: ci (make test), full (make reproduce) or all (every table row); "
+                        "default $TBPS_BUDGET or full")
     p.add_argument("--mode", default=os.environ.get("TBPS_MODE", "smoke"), choices=["smoke", "paper"])
     p.add_argument("--data", default=os.environ.get("TBPS_DATA") or "synthetic:cuhk-like",
                    help="dataset of the methods' default runs (default $TBPS_DATA or synthetic:cuhk-like)")

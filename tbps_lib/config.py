@@ -2,7 +2,7 @@
 
 Notebooks read their parameters from the environment with :func:`notebook_params`, so the same notebook
 runs the CPU smoke preset on the synthetic benchmark (the default) and, with ``TBPS_MODE=paper`` and
-``TBPS_DATA`` pointing at a real dataset, the papers' settings. ``TBPS_BUDGET`` (``full`` default, ``ci``)
+``TBPS_DATA`` pointing at a real dataset, the papers' settings. ``TBPS_BUDGET`` (``full`` default, ``ci``, ``all``)
 sizes the smoke runs a method notebook trains (:data:`BUDGETS`): ``make reproduce`` runs ``full``,
 ``make test`` (the notebooks under nbval, CI) runs ``ci``.
 """
@@ -38,7 +38,11 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
+    # `make reproduce` (within about an hour on a 2-core laptop): the central ablation step(s) of each
+    # paper (the methods' `trained_tables`), full-length smoke runs, 3 seeds.
     "full": Budget("full", DEFAULT_SEEDS),
+    # `make reproduce BUDGET=all`: every ablation row of every table the workbook can run, 3 seeds (hours).
+    "all": Budget("all", DEFAULT_SEEDS),
     # CI (`make test`, notebooks under nbval on 2 cores): two seeds (the least that gives a noise band) and
     # runs of a few seconds; the numbers only show that every cell works, not what the methods do.
     "ci": Budget("ci", 2, (("optim.epochs", 1), ("optim.max_steps", 12), ("optim.warmup_epochs", 0.0))),
@@ -68,7 +72,7 @@ class NotebookParams:
 def notebook_params() -> NotebookParams:
     """Read ``TBPS_MODE`` (smoke|paper, default smoke), ``TBPS_DATA`` (dataset name, ``synthetic:<preset>``
     or a folder; default ``synthetic:cuhk-like``), ``TBPS_RUNS`` (default ``runs/`` at the workbook root) and
-    ``TBPS_BUDGET`` (full|ci, default full; :data:`BUDGETS`)."""
+    ``TBPS_BUDGET`` (ci|full|all, default full; :data:`BUDGETS`)."""
     mode = os.environ.get("TBPS_MODE", "smoke").strip().lower()
     if mode not in MODES:
         raise ValueError(f"TBPS_MODE must be one of {MODES}, got {mode!r}")

@@ -424,7 +424,7 @@ def test_reproduce_plan_is_what_the_notebooks_train():
     params = NotebookParams(mode="smoke", data="synthetic:cuhk-like", runs="", budget="ci", seeds=ci.seeds,
                             train_changes=ci.changes)
     plan = reproduce_plan(["baseline", "sew_mcm"], params)
-    assert trained_tables("sew_mcm", "ci") == ("4",) and trained_tables("baseline", "full") == ()
+    assert trained_tables("sew_mcm", "ci") == {"4": None} and trained_tables("baseline", "full") == {}
     default = plan[plan["table"] == "default"]
     assert default["method"].tolist() == ["baseline", "sew_mcm"]
     assert default["hash"].tolist() == [config_hash(make_config(m, "smoke", "synthetic:cuhk-like"))
@@ -435,3 +435,24 @@ def test_reproduce_plan_is_what_the_notebooks_train():
     assert set(rows["seed"]) == {0, 1} and all(c.optim.max_steps == 12 for c in rows["config"])
     with pytest.raises(ValueError, match="unknown budget"):
         trained_tables("sew_mcm", "weekly")
+
+
+def test_plan_tables_keeps_only_the_chosen_rows():
+    from tbps_lib.analysis.tables import plan_tables
+
+    lookup = RunLookup("smoke", seeds=1)
+    chosen = plan_tables("sew_mcm", {"4": ("Model 2", "Model 6"), "6": None}, "smoke", lookup)
+    assert set(chosen.loc[chosen["table"] == "4", "row"]) == {"Model 2", "Model 6"}
+    assert len(chosen[chosen["table"] == "6"]) == len(tables.table_configs("sew_mcm", "6", "smoke", lookup))
+    with pytest.raises(ValueError, match=r"no row\(s\) \['Model 9'\]"):
+        plan_tables("sew_mcm", {"4": ("Model 9",)}, "smoke", lookup)
+
+
+def test_trained_tables_registration_is_checked():
+    from tbps_lib.models.registry import _table_rows
+
+    assert _table_rows("m", "full", ("4", 5)) == {"4": None, "5": None}
+    assert _table_rows("m", "full", {"4": ["Model 2"], "5": None}) == {"4": ("Model 2",), "5": None}
+    for bad in ("4", {"4": "Model 2"}, {"4": ()}):
+        with pytest.raises(ValueError, match="trained_tables"):
+            _table_rows("m", "full", bad)

@@ -495,23 +495,41 @@ def table_configs(paper: str, table: str | int, preset: str = "smoke", lookup: R
     return pd.DataFrame(lines, columns=["order", "row", "dataset", "seed", "method", "config", "hash"])
 
 
-def trained_tables(method: str, budget: str) -> tuple[str, ...]:
-    """The paper tables whose rows ``method``'s notebook trains in smoke mode under ``budget``
-    (``MethodSpec.trained_tables``; empty when the method declares none for it)."""
+def trained_tables(method: str, budget: str) -> dict[str, tuple[str, ...] | None]:
+    """What ``method``'s notebook trains in smoke mode under ``budget``: ``{table: row labels, or None for
+    every row}`` (``MethodSpec.trained_tables``; empty when the method declares nothing for it)."""
     from tbps_lib.config import BUDGETS
     from tbps_lib.models.registry import method_spec
 
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; budgets: {list(BUDGETS)}")
-    return tuple(method_spec(method).trained_tables.get(budget, ()))
+    return dict(method_spec(method).trained_tables.get(budget, {}))
 
 
-def plan_tables(paper: str, tables: Iterable[str], preset: str = "smoke", lookup: RunLookup | None = None
-                ) -> pd.DataFrame:
-    """:func:`table_configs` of several tables of one paper, one frame with a ``table`` column."""
-    frames = [table_configs(paper, t, preset, lookup).assign(table=str(t)) for t in tables]
+def plan_tables(paper: str, tables: Iterable[str] | Mapping[str, tuple[str, ...] | None], preset: str = "smoke",
+                lookup: RunLookup | None = None) -> pd.DataFrame:
+    """:func:`table_configs` of several tables of one paper, one frame with a ``table`` column. ``tables``:
+    table names, or ``{table: row labels or None}`` (:func:`trained_tables`) to keep only those rows; a
+    label that is no row of its table is an error."""
+    chosen = dict(tables) if isinstance(tables, Mapping) else {str(t): None for t in tables}
+    frames = []
+    for table, rows in chosen.items():
+        frame = table_configs(paper, table, preset, lookup).assign(table=str(table))
+        if rows is not None:
+            known = set(paper_table_rows(paper, table))
+            unknown = sorted(set(rows) - known)
+            if unknown:
+                raise ValueError(f"{paper} table {table}: no row(s) {unknown}; rows: {sorted(known)}")
+            frame = frame[frame["row"].isin(rows)]
+        frames.append(frame)
     columns = ["table", "order", "row", "dataset", "seed", "method", "config", "hash"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def paper_table_rows(paper: str, table: str | int) -> list[str]:
+    """The row labels of a reported table, in the paper's order."""
+    _, long = _reported_table(paper, table)
+    return list(dict.fromkeys(long.sort_values("order", kind="stable")["row"]))
 
 
 def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:

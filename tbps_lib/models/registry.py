@@ -47,9 +47,11 @@ class MethodSpec:
     for, so a figure comparing methods (e.g. Sew's modality gap of the baseline against Sew/MCM) is drawn
     once for all of them. Figure names are unique across methods.
 
-    ``trained_tables`` maps a notebook budget (``tbps_lib.config.BUDGETS``: ``"full"``, ``"ci"``) to the paper
-    tables whose rows the method's notebook trains in smoke mode under that budget; the notebook and
-    ``tbps reproduce`` (which trains them all up front, several runs at a time) read the same entry.
+    ``trained_tables`` maps a notebook budget (``tbps_lib.config.BUDGETS``: ``"ci"``, ``"full"``, ``"all"``) to
+    what the method's notebook trains in smoke mode under that budget: ``{table: rows}`` with the row labels
+    to train, or ``None`` for every row of the table (a plain tuple of table names means every row of
+    each). The notebook and ``tbps reproduce`` (which trains them all up front, several runs at a time)
+    read the same entry.
     """
 
     name: str
@@ -58,7 +60,7 @@ class MethodSpec:
     presets: Mapping[str, PresetFn]
     paper_rows: PaperRowFn | None = None
     figures: Mapping[str, FigureFn | str] = field(default_factory=dict)
-    trained_tables: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    trained_tables: Mapping[str, Mapping[str, tuple[str, ...] | None]] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -67,7 +69,7 @@ _REGISTRY: dict[str, MethodSpec] = {}
 def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn],
                     paper_rows: PaperRowFn | None = None,
                     figures: Mapping[str, FigureFn | str] | None = None,
-                    trained_tables: Mapping[str, tuple[str, ...]] | None = None) -> Callable[[type], type]:
+                    trained_tables: Mapping[str, Any] | None = None) -> Callable[[type], type]:
     """Class decorator: register ``model_cls`` as method ``name`` with its config class, presets and
     (optionally) the mapping of its paper's table rows to configs, its figures and the tables its notebook
     trains per budget (see :class:`MethodSpec`)."""
@@ -83,11 +85,27 @@ def register_method(name: str, config_cls: type, presets: Mapping[str, PresetFn]
                             f"tbps_lib.models.base.RetrievalModel")
         if name in _REGISTRY and _REGISTRY[name].model_cls is not model_cls:
             raise ValueError(f"method {name!r} is registered twice")
-        tables = {budget: tuple(str(t) for t in names) for budget, names in (trained_tables or {}).items()}
+        tables = {budget: _table_rows(name, budget, chosen) for budget, chosen in (trained_tables or {}).items()}
         _REGISTRY[name] = MethodSpec(name, model_cls, config_cls, dict(presets), paper_rows, dict(figures or {}),
                                      tables)
         return model_cls
     return deco
+
+
+def _table_rows(method: str, budget: str, chosen: Any) -> dict[str, tuple[str, ...] | None]:
+    """``trained_tables[budget]`` as ``{table: rows or None}`` (see :class:`MethodSpec`)."""
+    if isinstance(chosen, Mapping):
+        out = {}
+        for table, rows in chosen.items():
+            if rows is not None and (isinstance(rows, str) or not rows):
+                raise ValueError(f"method {method!r}: trained_tables[{budget!r}][{table!r}] must be a non-empty "
+                                 f"tuple of row labels or None (every row), got {rows!r}")
+            out[str(table)] = None if rows is None else tuple(rows)
+        return out
+    if isinstance(chosen, str):
+        raise ValueError(f"method {method!r}: trained_tables[{budget!r}] must be a tuple of tables or a mapping "
+                         f"table -> rows, got the string {chosen!r}")
+    return {str(table): None for table in chosen}
 
 
 def _load_all() -> None:
