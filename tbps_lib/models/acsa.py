@@ -293,8 +293,15 @@ FIGURES = {"acsa_fig5_saliency": "tbps_lib.analysis.acsa_figures:acsa_fig5",
            "acsa_phrase_pointing": "tbps_lib.analysis.acsa_figures:acsa_pointing_figure"}
 
 
+#: What notebook 05 trains per budget (``MethodSpec.trained_tables``): ``ci`` Table IV (the full method
+#: and six slices); ``full`` (``make reproduce``) Table V's step "+ relation III" (I,II -> I,II,III = ACSA);
+#: ``all`` every runnable row.
+TRAINED_TABLES = {"ci": ("IV",), "full": {"V": ("I,II", "I,II,III"), "IV": ("Partition",)},
+                  "all": ("V", "IV", "III", "II")}
+
+
 @register_method("acsa", AcsaConfig, presets={"smoke": smoke_preset, "paper": paper_preset},
-                 paper_rows=paper_rows, figures=FIGURES)
+                 paper_rows=paper_rows, figures=FIGURES, trained_tables=TRAINED_TABLES)
 class Acsa(DualEncoder):
     """The shared dual encoder + region embeddings, phrase embeddings, ACAM and the ACSA loss."""
 

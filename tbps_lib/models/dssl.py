@@ -273,8 +273,14 @@ FIGURES = {name: f"tbps_lib.analysis.dssl_figures:{fn}" for name, fn in (
     ("dssl_fig5_top5", "dssl_fig5"), ("dssl_person_surroundings_attribution", "attribution_figure"))}
 
 
+#: What notebook 07 trains per budget (``MethodSpec.trained_tables``): ``ci`` Table 3; ``full`` (``make
+#: reproduce``) Table 2's step "+ MEC"; ``all`` every runnable row.
+TRAINED_TABLES = {"ci": ("3",), "full": {"2": ("SPSM+SPFM+SAM+SDM", "MEC+SPSM+SPFM+SAM+SDM")},
+                  "all": ("1", "2", "3", "4", "5")}
+
+
 @register_method("dssl", DSSLConfig, presets={"smoke": smoke_preset, "paper": paper_preset},
-                 paper_rows=paper_rows, figures=FIGURES)
+                 paper_rows=paper_rows, figures=FIGURES, trained_tables=TRAINED_TABLES)
 class DSSL(RetrievalModel):
     """Image and text encoders, DSSL's heads (module docstring) and the shared ID classifier (training only)."""
 
