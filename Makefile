@@ -33,11 +33,13 @@ test-notebooks: $(STAMP)
 ## The main job: train every run the notebooks need, two processes at a time (`tbps reproduce`: the
 ## pretrained smoke backbones, each method's default run and its notebook's tables with 3 seeds, the `full`
 ## budget), then execute every notebook headless (they only load runs), regenerating figures/ and tables.
+## `make reproduce BUDGET=all` trains every ablation row of every table instead (hours on a laptop).
 JOBS ?= 2
+BUDGET ?= full
 reproduce: $(STAMP)
-	TBPS_MODE=$${TBPS_MODE:-smoke} TBPS_BUDGET=full $(VENV)/bin/tbps reproduce --jobs $(JOBS)
+	TBPS_MODE=$${TBPS_MODE:-smoke} TBPS_BUDGET=$(BUDGET) $(VENV)/bin/tbps reproduce --jobs $(JOBS)
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
-	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} TBPS_BUDGET=full $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
+	  echo "== $$nb"; TBPS_MODE=$${TBPS_MODE:-smoke} TBPS_BUDGET=$(BUDGET) $(abspath $(VENV))/bin/jupyter nbconvert --to notebook \
 	    --execute --inplace --ExecutePreprocessor.timeout=3600 $$nb || exit 1; done
 	$(VENV)/bin/tbps tables --out results/ --preset $${TBPS_MODE:-smoke} --readme README.md
 	$(VENV)/bin/tbps figures --mode $${TBPS_MODE:-smoke} --quiet
