@@ -256,12 +256,12 @@ class PartLevel(DualEncoder):
         """Eq. (3): M~ = M + MHSA(M) (``pad``: True on padding, left out as keys)."""
         return m + attn(m, m, m, key_padding_mask=pad, need_weights=False)[0]
 
-    def _decode(self, attn: nn.MultiheadAttention, queries: Tensor, memory: Tensor, pad: Tensor | None
-                ) -> tuple[Tensor, Tensor]:
+    def _decode(self, attn: nn.MultiheadAttention, queries: Tensor, memory: Tensor, pad: Tensor | None,
+                need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
         """Eq. (4): MHA with the learnable ``queries`` [Q, d] over ``memory`` [B, N, d]; returns the outputs
-        [B, Q, d] and the cross-attention weights averaged over heads [B, Q, N]."""
+        [B, Q, d] and the cross-attention weights averaged over heads [B, Q, N] (None without ``need_weights``)."""
         q = queries.unsqueeze(0).expand(memory.shape[0], -1, -1)
-        return attn(q, memory, memory, key_padding_mask=pad, need_weights=True, average_attn_weights=True)
+        return attn(q, memory, memory, key_padding_mask=pad, need_weights=need_weights, average_attn_weights=True)
 
     def image_embeddings(self, images: Tensor, with_attention: bool = False) -> dict[str, Tensor]:
         """S_v: ``global`` [B, d], ``coarse`` [B, D, d], ``fine`` [B, P, d] (those the config has);
@@ -306,7 +306,8 @@ class PartLevel(DualEncoder):
         queries = self.coarse_tokens if shared else self.text_coarse_tokens
         if m.fine:  # the decoder's queries do not attend to each other: one pass serves Eq. (4) and Eq. (6)
             queries = torch.cat([queries, self.fine_text_tokens])
-        decoded, attention = self._decode(self.decoder if shared else self.text_decoder, queries, encoded, pad)
+        decoded, attention = self._decode(self.decoder if shared else self.text_decoder, queries, encoded, pad,
+                                          need_weights=with_attention)  # training needs no text weights
         out["coarse"] = decoded[:, :m.n_coarse]  # C_t, Eq. (4)
         if m.fine:
             out["fine"] = decoded[:, m.n_coarse:]  # F_t, Eq. (6)
