@@ -27,7 +27,9 @@ def part_model(**changes) -> PartLevel:
 
 def test_registered_with_presets_and_paper_settings():
     assert list_methods().index("part_level") == list_methods().index("sew_mcm") + 1
-    m = make_config("part_level").model
+    smoke = make_config("part_level")
+    assert smoke.embed_dim == 128 and smoke.image.arch == "resnet_smoke"  # d = resnet_smoke's width
+    m = smoke.model
     assert (m.coarse, m.fine, m.cmr, m.cmr_coarse, m.decoder, m.n_coarse, m.n_fine) == (
         True, True, True, False, "shared", 4, 4)
     assert m.margin == 0.2 and m.detach_commonality and m.foreground == "literal"
@@ -268,10 +270,13 @@ def test_part_attention_maps():
         part_model(**paper_rows({"coarse": "0", "fine": "0", "cmr": "0"}, "smoke")).part_attention(batch["images"], batch)
 
 
-def test_paper_image_size_grid_and_stripes():
-    # the paper's 384x128 with a patch-16 ViT (vit_smoke: cheap) gives the 24x8 grid: 4 stripes of 6 rows
-    model = part_model(**{"image.arch": "vit_smoke", "image.img_size": (384, 128)})
-    assert model.grid == (24, 8) and model.image_pos.shape == (192, 64)
+def test_position_embeddings_and_stripes_follow_the_encoder_grid():
+    # resnet_smoke has output stride 8: 128x64 images give a 16x8 grid, 4 stripes of 4 rows
+    model = part_model(**{"image.img_size": (128, 64)})
+    assert model.grid == (16, 8) and model.image_pos.shape == (128, 64)
+    model.eval()
+    with torch.no_grad():
+        assert model.encode_images(torch.randn(2, 3, 128, 64))["fine"].shape == (2, 4, 64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,3 +330,11 @@ def test_every_reported_ablation_row_has_a_config():
     ours = full.loc[(full["row"] == "Ours") & (full["dataset"] == "CUHK-PEDES"), "hash"].iloc[0]
     same = table_configs("part_level", "3", "smoke")
     assert same.loc[same["row"] == "CMR applied to Fine only", "hash"].iloc[0] == ours  # the same run
+
+
+def test_paper_preset_builds_with_random_weights():
+    # ViT-B/16 at 384x128 (24x8 patch grid, 4 stripes of 6 rows) + a frozen BERT-base, d = 768 (12 heads)
+    model = build_model(make_config("part_level", "paper", dataset="cuhk-pedes", changes={"model.num_classes": 4}))
+    assert model.grid == (24, 8) and model.image_pos.shape == (192, 768) and model.text_pos.shape == (100, 768)
+    assert model.decoder.num_heads == 12
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())  # BERT is not fine-tuned
