@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tbps_lib.losses.cmpm import full_precision
-from tbps_lib.losses.ranking import REDUCTIONS
+from tbps_lib.losses.ranking import REDUCTIONS, hardest_negative_costs
 
 
 @full_precision
@@ -52,13 +52,6 @@ def cmr_loss(image: Tensor, text: Tensor, pids: Tensor, image_commonality: Tenso
                          f"{tuple(image_commonality.shape)} and {tuple(text_commonality.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"cmr_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    sim = F.normalize(image, dim=1) @ F.normalize(text, dim=1).T  # sim[k, j] = s(v_k, t_j)
-    positive = sim.diagonal()
-    negative = pids.unsqueeze(1) != pids.unsqueeze(0)
-    neg_sim = sim.masked_fill(~negative, float("-inf"))
-    has_negative = negative.any(dim=1)
-    image_term = margin * (1 - image_commonality) - positive + neg_sim.amax(dim=1)  # anchor v_k, negative t_h
-    text_term = margin * (1 - text_commonality) - positive + neg_sim.amax(dim=0)  # anchor t_k, negative v_h
-    zero = torch.zeros_like(positive)
-    cost = torch.where(has_negative, F.relu(image_term) + F.relu(text_term), zero)
+    cost = hardest_negative_costs(image, text, pids, margin * (1 - image_commonality),  # anchor v_k
+                                  margin * (1 - text_commonality))  # anchor t_k
     return cost.sum() if reduction == "sum" else cost.mean()

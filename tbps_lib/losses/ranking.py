@@ -48,14 +48,20 @@ def hardest_negative_ranking_loss(image: Tensor, text: Tensor, pids: Tensor, mar
                          f"{tuple(image.shape)}, {tuple(text.shape)}, {tuple(pids.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"hardest_negative_ranking_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    cost = hardest_negative_costs(image, text, pids, margin, margin)
+    return cost.sum() if reduction == "sum" else cost.mean()
+
+
+def hardest_negative_costs(image: Tensor, text: Tensor, pids: Tensor, image_margin: float | Tensor,
+                           text_margin: float | Tensor) -> Tensor:
+    """Per pair k, the two hinge terms of Eq. (9) summed, [n]: the image-anchored term with
+    ``image_margin`` and the text-anchored one with ``text_margin`` (numbers, or one margin per pair [n], as
+    the commonality-based margin of the CMR loss, part-level Eq. (12)); 0 for a pair without a negative."""
     sim = F.normalize(image, dim=1) @ F.normalize(text, dim=1).T  # sim[k, j] = s(v_k, t_j)
     positive = sim.diagonal()
     negative = pids.unsqueeze(1) != pids.unsqueeze(0)
     neg_sim = sim.masked_fill(~negative, float("-inf"))
     hardest_text = neg_sim.amax(dim=1)  # for each image: its hardest negative caption
     hardest_image = neg_sim.amax(dim=0)  # for each caption: its hardest negative image
-    has_negative = negative.any(dim=1)
-    zero = torch.zeros_like(positive)
-    cost = (torch.where(has_negative, F.relu(margin - positive + hardest_text), zero)
-            + torch.where(has_negative, F.relu(margin - positive + hardest_image), zero))
-    return cost.sum() if reduction == "sum" else cost.mean()
+    cost = F.relu(image_margin - positive + hardest_text) + F.relu(text_margin - positive + hardest_image)
+    return torch.where(negative.any(dim=1), cost, torch.zeros_like(cost))
