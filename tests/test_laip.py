@@ -17,8 +17,9 @@ from tbps_lib.models.base import TrainingContext
 from tbps_lib.models.laip import LAIP, LAIPConfig, albef_to_laip, paper_rows
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
 from test_baseline import make_batch
+from test_pretrain import tiny  # noqa: F401 (fixture: tiny pretraining configs in a private cache)
 
-RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}
+RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none", "model.init_albef": "none"}
 
 
 def laip_model(**changes) -> LAIP:
@@ -355,3 +356,29 @@ def test_albef_checkpoint_key_mapping(tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match="missing.*fusion.1.cross_attn.key.weight"):
         laip_model(**{"model.init_albef": str(path)})
+
+
+def test_vlp_stage_trains_and_loads_like_an_albef_checkpoint(tiny):
+    """The workbook's ALBEF stand-in (``workbook:albef_smoke``): ITC + ITM + MLM from vit_smoke + bert_smoke,
+    cached under a hash that follows the weights it starts from, loaded by the smoke preset."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from tbps_lib import pretrain
+
+    folder = pretrain.ensure_pretrained("albef_smoke", progress=False)
+    info = pretrain.pretraining_info("albef_smoke")
+    assert info["kind"] == "vlp" and info["pairs"] > 0 and info["starts_from"] == ["vit_smoke", "bert_smoke"]
+    assert [h["step"] for h in pretrain.pretraining_history("albef_smoke")] == [2, 3]
+    assert (pretrain.weights_dir(tiny["vit_smoke"])).is_dir() and (pretrain.weights_dir(tiny["bert_smoke"])).is_dir()
+    state = load_file(str(folder / "model.safetensors"))
+    assert "text_encoder.encoder.layer.3.crossattention.self.key.weight" in state and "itm_head.weight" in state
+    model = build_model(make_config("laip", changes={"model.num_classes": 4}))  # the smoke preset's weights
+    assert torch.equal(model.fusion[1].cross_attn.key.weight,
+                       state["text_encoder.encoder.layer.3.crossattention.self.key.weight"])
+    assert torch.equal(model.itm_head.weight[0], state["itm_head.weight"][1] - state["itm_head.weight"][0])
+    assert model.pretrained_sources()["text"].startswith("albef:workbook:albef_smoke@")
+    before = pretrain.pretrain_hash(tiny["albef_smoke"])
+    pretrain.WORKBOOK_WEIGHTS["bert_smoke"] = dataclasses.replace(tiny["bert_smoke"], steps=4)
+    assert pretrain.pretrain_hash(tiny["albef_smoke"]) != before  # new text weights, new VLP weights

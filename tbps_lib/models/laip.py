@@ -225,11 +225,18 @@ class FusionLayer(nn.Module):
 # Presets and the paper's rows
 
 
+# What LAIP is during the workbook's VLP stage (``tbps_lib.pretrain``, ``workbook:albef_smoke``): ALBEF's
+# pretraining losses ITC + ITM + MLM, no phrase stream, from the start.
+VLP_CHANGES: dict[str, Any] = {"model.init_albef": None, "model.ftri": False, "model.foratt": False,
+                               "model.backatt": False, "model.masked_modeling": "caption", "model.stage1_share": 0.0}
+
+
 def smoke_preset(dataset: str) -> Mapping[str, Any]:
     """vit_smoke + bert_smoke (pretrained by the workbook), 2 fusion layers, L = 1, AdamW (module docstring)."""
     return {**SMOKE_DEFAULTS, "image.arch": "vit_smoke", "image.pretrained": "workbook:vit_smoke",
             "text.arch": "bert_smoke", "text.pretrained": "workbook:bert_smoke", "optim.optimizer": "adamw",
-            "optim.lr": 1e-4, "optim.weight_decay": 0.02, "eval.rescore_k": 16}
+            "optim.lr": 1e-4, "optim.weight_decay": 0.02, "eval.rescore_k": 16,
+            "model.init_albef": "workbook:albef_smoke"}
 
 
 def paper_preset(dataset: str) -> Mapping[str, Any]:
@@ -322,6 +329,32 @@ def albef_to_laip(state: Mapping[str, Tensor], text_layers: int) -> tuple[dict[s
     return out, ignored
 
 
+def laip_to_albef(state: Mapping[str, Tensor], text_layers: int) -> dict[str, Tensor]:
+    """The inverse of :func:`albef_to_laip` for the weights it maps (momentum copies and queues are left out):
+    how the workbook's VLP stage (``tbps_lib.pretrain``, ``workbook:albef_smoke``) saves, so that one loader
+    reads both. The one-logit ITM head becomes ALBEF's two rows (0, w)."""
+    parts = {v: k for k, v in _ALBEF_PARTS.items()}
+    heads = {v: k for k, v in _ALBEF_HEAD.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("image_encoder.model."):
+            out["visual_encoder." + key[len("image_encoder.model."):]] = value
+        elif key in ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp"):
+            out[key] = value
+        elif key in ("itm_head.weight", "itm_head.bias"):
+            out[key] = torch.cat([torch.zeros_like(value), value])
+        elif key.startswith("text_encoder.bert."):
+            out["text_encoder." + key[len("text_encoder.bert."):]] = value
+        elif key.startswith("fusion."):
+            index, _, rest = key[len("fusion."):].partition(".")
+            part = next(p for p in sorted(parts, key=len, reverse=True) if rest.startswith(p))
+            out[f"text_encoder.encoder.layer.{int(index) + text_layers}.{parts[part]}{rest[len(part):]}"] = value
+        elif key.startswith("mpm_head."):
+            name = "mpm_head.3.bias" if key == "mpm_head.3.bias" else next(h for h in heads if key.startswith(h) and h != "mpm_head.3.bias")
+            out["text_encoder." + heads[name] + ("" if name == "mpm_head.3.bias" else key[len(name):])] = value
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------
 # The model
 
@@ -378,7 +411,12 @@ class LAIP(RetrievalModel):
         model must be given except the MPM head (absent from ALBEF's retrieval checkpoints)."""
         from pathlib import Path
 
-        state = load_state_dict_file(Path(path).expanduser(), "model.init_albef")
+        from tbps_lib.pretrain import resolve_pretrained
+
+        local, label = resolve_pretrained(path, "model.init_albef")  # workbook:albef_smoke: the VLP stage
+        file = Path(str(local)).expanduser()
+        file = file / "model.safetensors" if file.is_dir() else file
+        state = load_state_dict_file(file, "model.init_albef")
         mapped, _ = albef_to_laip(state, len(self.text_encoder.bert.encoder.layer))
         own = self.state_dict()
         missing = sorted(k for k in own if k not in mapped and not k.startswith("mpm_head."))
@@ -388,7 +426,7 @@ class LAIP(RetrievalModel):
             raise ValueError(f"model.init_albef: {path} does not fit LAIP: missing {missing[:8]}, unexpected "
                              f"{unexpected[:8]}, mis-shaped {shaped[:8]}")
         self.load_state_dict(mapped, strict=False)
-        self.image_encoder.pretrained_source = self.text_encoder.pretrained_source = f"albef:{path}"
+        self.image_encoder.pretrained_source = self.text_encoder.pretrained_source = f"albef:{label}"
 
     # -- encoders ------------------------------------------------------------------------------------------
 
