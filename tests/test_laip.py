@@ -382,3 +382,35 @@ def test_vlp_stage_trains_and_loads_like_an_albef_checkpoint(tiny):
     before = pretrain.pretrain_hash(tiny["albef_smoke"])
     pretrain.WORKBOOK_WEIGHTS["bert_smoke"] = dataclasses.replace(tiny["bert_smoke"], steps=4)
     assert pretrain.pretrain_hash(tiny["albef_smoke"]) != before  # new text weights, new VLP weights
+
+
+def test_phrase_maps_pointing_game_and_figures(tmp_path):
+    """Figures 2/7 and the pointing game of forward / backward / bidirectional phrase maps, on a tiny synthetic
+    benchmark with an untrained model (the plumbing, not the numbers)."""
+    import types
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tbps_lib.analysis.laip_figures import (MODES, laip_attention_figure, laip_pointing_figure,
+                                                phrase_pointing_game)
+    from tbps_lib.data import synthetic
+    from tbps_lib.data.formats import read_synthetic
+    from tbps_lib.data.loaders import train_captions
+    from tbps_lib.data.text import CaptionTokenizer
+    from tbps_lib.models.registry import method_figures
+
+    ds = read_synthetic(synthetic.generate("cuhk-like", tmp_path / "set", ids=12, progress=False, workers=1))
+    tok = CaptionTokenizer.train(train_captions(ds), vocab_size=300, max_length=40)
+    model = laip_model()
+    run = types.SimpleNamespace(model=model, tokenizer=tok, dataset=ds, config=model.cfg)
+    table = phrase_pointing_game(run, "test", n_captions=4)
+    assert len(table) and set(table["mode"]) == set(MODES) and len(table) % 3 == 0
+    assert table[["hit", "energy", "chance_grid", "chance_area"]].apply(lambda c: c.between(0, 1).all()).all()
+    fig, tables = laip_pointing_figure({"laip": run}, split="test", n_captions=4)
+    assert fig is not None and ("bidirectional", "all") in tables["laip_pointing"].index
+    fig, _ = laip_attention_figure({"laip": run}, split="test", n_examples=2)
+    assert len([ax for ax in fig.axes if ax.images]) == 2 * 4
+    assert laip_pointing_figure({"baseline": types.SimpleNamespace(model=torch.nn.Linear(1, 1))})[0] is None
+    figures = method_figures()
+    assert figures["laip_pointing_game"][0] == "laip" and figures["laip_fig7_attention_maps"][0] == "laip"
