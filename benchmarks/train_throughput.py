@@ -28,7 +28,7 @@ def random_batch(cfg, batch_size: int, device: torch.device) -> dict:
     length = cfg.text.max_length
     vocab = min(cfg.text.vocab_size, 30522)
     pids = torch.arange(batch_size) // 2
-    return {
+    batch = {
         "images": torch.randn(batch_size, 3, h, w, device=device),
         "input_ids": torch.randint(5, vocab, (batch_size, length), device=device),
         "attention_mask": torch.ones(batch_size, length, dtype=torch.long, device=device),
@@ -37,6 +37,14 @@ def random_batch(cfg, batch_size: int, device: torch.device) -> dict:
         "pids": pids.to(device), "labels": pids.to(device), "image_index": torch.arange(batch_size, device=device),
         "captions": ["a person"] * batch_size,
     }
+    phrases = cfg.model.batch_fields(True).get("noun_phrases")
+    if phrases is not None:  # LAIP's phrase stream: every caption with its full M phrases of Lp tokens
+        m, lp = phrases["max_phrases"], phrases["phrase_length"]
+        batch.update({"phrase_ids": torch.randint(5, vocab, (batch_size, m, lp), device=device),
+                      "phrase_attention_mask": torch.ones(batch_size, m, lp, dtype=torch.long, device=device),
+                      "phrase_counts": torch.full((batch_size,), m, device=device),
+                      "phrase_word_spans": torch.zeros(batch_size, m, 2, dtype=torch.long, device=device)})
+    return batch
 
 
 def bench_config(method: str, preset: str, batch_size: int, changes: dict | None = None):
@@ -46,6 +54,8 @@ def bench_config(method: str, preset: str, batch_size: int, changes: dict | None
     fixed = {"model.num_classes": max(batch_size // 2, 2), "data.batch_size": batch_size, **(changes or {})}
     if getattr(cfg.model, "t_max", None) == 0:  # Sew's caption-length bounds come from data: use the batch's
         fixed.update({"model.t_min": 10.0, "model.t_max": 40.0})
+    if getattr(cfg.model, "init_albef", None):  # LAIP's whole-model weights: speed does not depend on them
+        fixed["model.init_albef"] = None
     return override(cfg, fixed)
 
 

@@ -79,7 +79,14 @@ Choices where the paper is silent or wrong (config fields where they are setting
   checkpoints: ``text_encoder.`` or ``text_encoder.bert.`` prefixes); momentum copies are re-made from the
   loaded weights.
 * The smoke preset: the workbook's vit_smoke and bert_smoke (2 layers = the text encoder) and 2 new fusion
-  layers; L = 1 (the last layer's backward attention is zero, as the paper says of its 6th).
+  layers; L = 1 (the last layer's backward attention is zero, as the paper says of its 6th); the whole
+  model starts from the workbook's ALBEF-style vision-language pretraining (``workbook:albef_smoke``:
+  ITC + ITM + MLM on the disjoint pretraining corpus, ``tbps_lib.pretrain``), which also stands in for
+  the paper's COCO pre-finetuning in ``paper_rows`` (``coco=1``: from it; ``coco=0``: from the unimodal
+  encoders alone). In the paper preset ``coco=1`` rows are not reproducible (no COCO, no LAIP weights) and
+  ``model.init_albef`` must name a local ALBEF checkpoint for the paper's initialisation (unset: random).
+* Paper preset batch (128 = 32 per GPU x 4) and queue (65536) follow ALBEF's retrieval fine-tuning: the
+  paper gives neither. ``max_phrases`` 8 per caption there (the paper takes all).
 """
 from __future__ import annotations
 
@@ -235,7 +242,7 @@ def smoke_preset(dataset: str) -> Mapping[str, Any]:
     """vit_smoke + bert_smoke (pretrained by the workbook), 2 fusion layers, L = 1, AdamW (module docstring)."""
     return {**SMOKE_DEFAULTS, "image.arch": "vit_smoke", "image.pretrained": "workbook:vit_smoke",
             "text.arch": "bert_smoke", "text.pretrained": "workbook:bert_smoke", "optim.optimizer": "adamw",
-            "optim.lr": 1e-4, "optim.weight_decay": 0.02, "eval.rescore_k": 16,
+            "optim.lr": 2e-4, "optim.weight_decay": 0.02, "eval.rescore_k": 16,
             "model.init_albef": "workbook:albef_smoke"}
 
 
@@ -255,20 +262,28 @@ def paper_preset(dataset: str) -> Mapping[str, Any]:
 
 def paper_rows(flags: Mapping[str, str], preset: str) -> dict[str, Any]:
     """Config changes of a Table IV / VI row from its flags (``reported/laip.csv``): ``ftri``, ``foratt``,
-    ``backatt``, ``mpm`` (0/1) and ``mlm`` (Table V's alternative, 1 = MLM instead of MPM).
+    ``backatt``, ``mpm`` (0/1), ``mlm`` (Table V's alternative: 1 = MLM instead of MPM) and ``coco``.
 
-    ``coco=1`` (COCO pre-finetuning of ALBEF) needs ALBEF weights and COCO: not reproducible. ``coco=0``
-    starts from what the preset gives: ALBEF weights (``model.init_albef``) in the paper preset; in smoke the
-    workbook's pretrained unimodal encoders.
+    ``coco`` (COCO pre-finetuning of ALBEF before the person-search training): in the paper preset
+    ``coco=1`` needs LAIP's COCO-finetuned ALBEF weights and COCO, so it is not reproducible, and ``coco=0``
+    starts from the ALBEF file of ``model.init_albef``. In the smoke preset the workbook's vision-language
+    pretraining stage on its disjoint corpus (``workbook:albef_smoke``) stands in for that extra image-text
+    stage: ``coco=1`` starts from it, ``coco=0`` from the unimodal smoke encoders alone (new fusion layers).
+    So smoke "Baseline" vs "Baseline+" measures what the VLP stage adds, not COCO.
     """
-    if flags.get("coco", "0") == "1":
-        raise NotReproducible("COCO pre-finetuning needs the ALBEF weights and the COCO dataset, which the "
-                              "workbook does not have (offline)")
+    changes: dict[str, Any] = {}
+    if flags.get("coco", "1") == "1":
+        if preset == "paper":
+            raise NotReproducible("COCO pre-finetuning needs LAIP's COCO-finetuned ALBEF weights and the COCO "
+                                  "dataset, which the workbook does not have (offline)")
+        changes["model.init_albef"] = "workbook:albef_smoke"
+    elif preset != "paper":
+        changes["model.init_albef"] = None
     if flags.get("itc_itm", "1") != "1":
         raise NotReproducible("every LAIP row trains ITC + ITM")
     on = lambda key, default="1": flags.get(key, default) == "1"  # noqa: E731
     modeling = "caption" if on("mlm", "0") else "phrase" if on("mpm") else "none"
-    return {"model.ftri": on("ftri"), "model.foratt": on("foratt"), "model.backatt": on("backatt"),
+    return {**changes, "model.ftri": on("ftri"), "model.foratt": on("foratt"), "model.backatt": on("backatt"),
             "model.masked_modeling": modeling}
 
 
@@ -501,14 +516,17 @@ class LAIP(RetrievalModel):
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The named loss terms (unweighted) and ``loss`` = Eq. (12) (stage 1: ITC + ITM)."""
         m: LAIPConfig = self.cfg.model
-        pids, mask = batch["pids"], batch["attention_mask"]
+        pids, ids, mask = batch["pids"], batch["input_ids"], batch["attention_mask"]
+        if ids.device.type == "cpu":  # drop the batch's common padding (a host sync: CPU only; same losses)
+            width = int(mask.sum(dim=1).max())
+            ids, mask = ids[:, :width], mask[:, :width]
         img = self.image_encoder(batch["images"])
         image_tokens = self._image_tokens(img)
-        txt = self.text_encoder(batch["input_ids"], mask)
+        txt = self.text_encoder(ids, mask)
         image_feat, text_feat = self.vision_proj(img.pooled), self.text_proj(txt.pooled)
         with torch.no_grad():
             image_m = self.vision_proj_m(self.image_encoder_m(batch["images"]).pooled)
-            text_m = self.text_proj_m(self.text_encoder_m(batch["input_ids"], mask).pooled)
+            text_m = self.text_proj_m(self.text_encoder_m(ids, mask).pooled)
             image_m, text_m = F.normalize(image_m.float(), dim=-1), F.normalize(text_m.float(), dim=-1)
         self._pending = (image_m, text_m, pids)
         temp = self.temp.clamp(0.001, 0.5)
@@ -530,7 +548,7 @@ class LAIP(RetrievalModel):
             if m.phrase_stream:
                 terms.update(self._phrase_stream(batch, img, image_tokens))
             if m.masked_modeling == "caption":  # Table V's MLM
-                masked, labels = self.mask_tokens(batch["input_ids"], mask, m.mlm_ratio)
+                masked, labels = self.mask_tokens(ids, mask, m.mlm_ratio)
                 fused_m, _ = self.fuse(self.text_encoder(masked, mask).tokens, mask, image_tokens)
                 terms["mlm"] = mask_phrase_loss(self.mpm_head(fused_m), labels, b)
         terms["loss"] = torch.stack(list(terms.values())).sum()  # Eq. (1) + Eq. (12), unweighted
@@ -551,18 +569,19 @@ class LAIP(RetrievalModel):
         mode = m.attention_mode
         fused, probs = self.fuse(phrase_tok, pmask, image_tokens[rows], keep=m.attention_layer if mode else None)
         terms: dict[str, Tensor] = {}
-        logits = None
-        if labels is not None:
-            labels = labels.masked_fill(~valid[:, None], IGNORE_INDEX)
-            logits = self.mpm_head(fused)
+        logits = target = None
+        if labels is not None:  # one masked token per phrase: the head runs at that position only
+            where = (labels != IGNORE_INDEX).float().argmax(dim=1)
+            target = labels.gather(1, where[:, None]).squeeze(1).masked_fill(~valid, IGNORE_INDEX)
+            logits = self.mpm_head(fused[torch.arange(len(where), device=where.device), where])
         if m.masked_modeling == "phrase":
-            terms["mpm"] = mask_phrase_loss(logits, labels, b)  # Eq. (11), summed over phrases (Eq. (12))
+            terms["mpm"] = mask_phrase_loss(logits, target, b)  # Eq. (11), summed over phrases (Eq. (12))
         if mode is not None:
             forward = probs[:, :, 0, 1:]  # Eq. (4): the phrase [CLS] row, image patches only
             backward = None
             if m.backatt:
-                picked = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                score = (picked * (labels != IGNORE_INDEX)).sum()  # Eq. (5): the true word's score
+                picked = logits.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                score = (picked * (target != IGNORE_INDEX)).sum()  # Eq. (5): the true word's score
                 # Eq. (6): ds/dA of the [CLS] row; not create_graph: a constant weight (module docstring)
                 backward = torch.autograd.grad(score, probs, retain_graph=True)[0][:, :, 0, 1:]
             weights = attention_weights(forward, backward, mode)  # Eq. (7)
