@@ -105,7 +105,8 @@ from tbps_lib.engine.distributed import all_gather_no_grad
 from tbps_lib.losses.laip import (attention_weights, biatt_loss, fusion_triplet_loss, itc_loss, itm_loss,
                                   mask_phrase_loss, phrase_guided_feature)
 from tbps_lib.models.base import MethodConfig, RetrievalModel
-from tbps_lib.models.encoders import build_image_encoder, build_text_encoder, load_state_dict_file
+from tbps_lib.models.encoders import (build_image_encoder, build_text_encoder, load_state_dict_file,
+                                     resolve_weights)
 from tbps_lib.models.registry import NotReproducible, register_method
 
 MASKED_MODELING = ("phrase", "caption", "none")
@@ -426,9 +427,7 @@ class LAIP(RetrievalModel):
         model must be given except the MPM head (absent from ALBEF's retrieval checkpoints)."""
         from pathlib import Path
 
-        from tbps_lib.pretrain import resolve_pretrained
-
-        local, label = resolve_pretrained(path, "model.init_albef")  # workbook:albef_smoke: the VLP stage
+        local, label = resolve_weights(path, "model.init_albef")  # workbook:albef_smoke: the VLP stage
         file = Path(str(local)).expanduser()
         file = file / "model.safetensors" if file.is_dir() else file
         state = load_state_dict_file(file, "model.init_albef")
