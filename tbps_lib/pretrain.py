@@ -97,7 +97,7 @@ WORKBOOK_WEIGHTS: dict[str, PretrainConfig] = {c.arch: c for c in (
     PretrainConfig("swin_smoke", steps=600, lr=1e-3, weight_decay=0.05),
     PretrainConfig("bert_smoke", steps=800, lr=5e-4),
     PretrainConfig("bigru_smoke", steps=800, lr=2e-3),
-    PretrainConfig("albef_smoke", steps=300, batch_size=32, lr=5e-4, weight_decay=0.02),
+    PretrainConfig("albef_smoke", steps=200, batch_size=32, lr=5e-4, weight_decay=0.02),
 )}
 
 # Vision-language pretraining (LAIP's smoke stand-in for ALBEF): the weights each starts from. Their hashes

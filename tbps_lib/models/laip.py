@@ -110,6 +110,7 @@ from tbps_lib.models.encoders import (build_image_encoder, build_text_encoder, l
 from tbps_lib.models.registry import NotReproducible, register_method
 
 MASKED_MODELING = ("phrase", "caption", "none")
+ITC_BATCH = ("momentum", "online")
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,12 @@ class LAIPConfig(MethodConfig):
     temperature: float = 0.07  # initial tau of Eq. (16) (learnable, clamped to [0.001, 0.5] as ALBEF)
     stage1_share: float = 30 / 45  # share of the steps with ITC + ITM only (Sec. III-A: 30 + 15 epochs)
     init_albef: str | None = None  # ALBEF state dict (local path) loaded over the whole model
+    itc_batch: str = "momentum"  # the batch's entries of Eq. (16)'s banks: "momentum" (ALBEF) or "online"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.itc_batch not in ITC_BATCH:
+            raise ValueError(f"model.itc_batch must be one of {list(ITC_BATCH)}, got {self.itc_batch!r}")
         if self.masked_modeling not in MASKED_MODELING:
             raise ValueError(f"model.masked_modeling must be one of {list(MASKED_MODELING)}, got {self.masked_modeling!r}")
         for name in ("text_layers", "queue_size", "mask_token_id"):
@@ -243,7 +247,7 @@ def smoke_preset(dataset: str) -> Mapping[str, Any]:
     """vit_smoke + bert_smoke (pretrained by the workbook), 2 fusion layers, L = 1, AdamW (module docstring)."""
     return {**SMOKE_DEFAULTS, "image.arch": "vit_smoke", "image.pretrained": "workbook:vit_smoke",
             "text.arch": "bert_smoke", "text.pretrained": "workbook:bert_smoke", "optim.optimizer": "adamw",
-            "optim.lr": 2e-4, "optim.weight_decay": 0.02, "eval.rescore_k": 16,
+            "optim.lr": 5e-4, "optim.weight_decay": 0.02, "eval.rescore_k": 16,
             "model.init_albef": "workbook:albef_smoke"}
 
 
@@ -531,8 +535,10 @@ class LAIP(RetrievalModel):
         temp = self.temp.clamp(0.001, 0.5)
         bank_pids = torch.cat([pids, self.pid_queue])
         pos = pids[:, None] == bank_pids[None, :]
-        terms = {"itc": itc_loss(image_feat, text_feat, torch.cat([image_m, self.image_queue.clone()]),
-                                 torch.cat([text_m, self.text_queue.clone()]), pos, pos, temp)}  # Eq. (16)-(17)
+        # Eq. (16)-(17): the batch part of the banks is the momentum features (ALBEF) or the online ones
+        batch_image, batch_text = (image_m, text_m) if m.itc_batch == "momentum" else (image_feat, text_feat)
+        terms = {"itc": itc_loss(image_feat, text_feat, torch.cat([batch_image, self.image_queue.clone()]),
+                                 torch.cat([batch_text, self.text_queue.clone()]), pos, pos, temp)}
         neg_image, neg_text = self._hard_negatives(image_feat, text_feat, pids)
         b = len(pids)
         fused, _ = self.fuse(torch.cat([txt.tokens, txt.tokens, txt.tokens[neg_text]]),
