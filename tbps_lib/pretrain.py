@@ -97,12 +97,12 @@ WORKBOOK_WEIGHTS: dict[str, PretrainConfig] = {c.arch: c for c in (
     PretrainConfig("swin_smoke", steps=600, lr=1e-3, weight_decay=0.05),
     PretrainConfig("bert_smoke", steps=800, lr=5e-4),
     PretrainConfig("bigru_smoke", steps=800, lr=2e-3),
-    PretrainConfig("albef_smoke", steps=200, batch_size=32, lr=5e-4, weight_decay=0.02),
+    PretrainConfig("vlp_smoke", steps=200, batch_size=32, lr=5e-4, weight_decay=0.02),
 )}
 
 # Vision-language pretraining (LAIP's smoke stand-in for ALBEF): the weights each starts from. Their hashes
 # enter its hash, so retrained unimodal weights give new VLP weights.
-VLP_STARTS: dict[str, tuple[str, str]] = {"albef_smoke": ("vit_smoke", "bert_smoke")}
+VLP_STARTS: dict[str, tuple[str, str]] = {"vlp_smoke": ("vit_smoke", "bert_smoke")}
 
 
 def pretrain_hash(cfg: PretrainConfig) -> str:

@@ -138,6 +138,28 @@ def test_stage_1_is_itc_and_itm_only():
     assert set(model(phrase_batch())) == {"itc", "itm", "ftri", "mpm", "biatt", "loss"}
 
 
+@pytest.mark.parametrize("itc_batch", ["momentum", "online"])
+def test_itc_term_is_eq_17_against_the_banks(itc_batch):
+    model = laip_model(**{"model.itc_batch": itc_batch, "model.foratt": False, "model.backatt": False,
+                          "model.masked_modeling": "none", "model.ftri": False})
+    model.eval()
+    batch = make_batch()
+    model.pid_queue[:4] = batch["pids"][:4]  # queued features of the batch's people are positives too
+    out = model(batch)
+    img = model.encode_images(batch["images"])["global"]
+    txt = model.encode_texts(batch)["global"]
+    if itc_batch == "momentum":
+        img_b, txt_b = F.normalize(model._pending[0], dim=-1), F.normalize(model._pending[1], dim=-1)
+    else:
+        img_b, txt_b = img, txt
+    pids = batch["pids"]
+    pos = pids[:, None] == torch.cat([pids, model.pid_queue])[None]
+    assert pos[:, 8:].any()
+    expected = itc_loss(img, txt, torch.cat([img_b, model.image_queue]), torch.cat([txt_b, model.text_queue]), pos, pos,
+                        model.temp)
+    assert out["itc"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_itm_and_triplet_use_the_fused_score_of_eq_18():
     model = laip_model(**{"model.foratt": False, "model.backatt": False, "model.masked_modeling": "none"})
     model.eval()
@@ -288,7 +310,7 @@ def test_paper_rows_and_coco_rows_are_not_reproducible():
         "model.masked_modeling": "phrase"}
     assert paper_rows({"mpm": "1", "mlm": "1"}, "smoke")["model.masked_modeling"] == "caption"
     # smoke: the workbook's VLP stage stands in for the extra image-text stage (COCO); paper: not reproducible
-    assert paper_rows({"coco": "1", "itc_itm": "1"}, "smoke")["model.init_albef"] == "workbook:albef_smoke"
+    assert paper_rows({"coco": "1", "itc_itm": "1"}, "smoke")["model.init_albef"] == "workbook:vlp_smoke"
     assert "model.init_albef" not in paper_rows({"coco": "0", "itc_itm": "1"}, "paper")
     with pytest.raises(NotReproducible, match="COCO"):
         paper_rows({"coco": "1", "itc_itm": "1"}, "paper")
@@ -300,7 +322,8 @@ def test_paper_rows_and_coco_rows_are_not_reproducible():
 @pytest.mark.parametrize("field,value", [
     ("masked_modeling", "words"), ("fusion_layers", 0), ("attention_layer", 3), ("attention_layer", 0),
     ("queue_size", 0), ("max_phrases", 0), ("phrase_length", 2), ("delta", -0.1), ("mlm_ratio", 0.0),
-    ("momentum", 1.0), ("temperature", 0.0), ("stage1_share", 1.0), ("text_layers", -1), ("mask_token_id", -1)])
+    ("momentum", 1.0), ("temperature", 0.0), ("stage1_share", 1.0), ("text_layers", -1), ("mask_token_id", -1),
+    ("itc_batch", "queue")])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         LAIPConfig(**{field: value})
@@ -363,7 +386,7 @@ def test_albef_checkpoint_key_mapping(tmp_path):
 
 
 def test_vlp_stage_trains_and_loads_like_an_albef_checkpoint(tiny):
-    """The workbook's ALBEF stand-in (``workbook:albef_smoke``): ITC + ITM + MLM from vit_smoke + bert_smoke,
+    """The workbook's ALBEF stand-in (``workbook:vlp_smoke``): ITC + ITM + MLM from vit_smoke + bert_smoke,
     cached under a hash that follows the weights it starts from, loaded by the smoke preset."""
     import dataclasses
 
@@ -371,10 +394,10 @@ def test_vlp_stage_trains_and_loads_like_an_albef_checkpoint(tiny):
 
     from tbps_lib import pretrain
 
-    folder = pretrain.ensure_pretrained("albef_smoke", progress=False)
-    info = pretrain.pretraining_info("albef_smoke")
+    folder = pretrain.ensure_pretrained("vlp_smoke", progress=False)
+    info = pretrain.pretraining_info("vlp_smoke")
     assert info["kind"] == "vlp" and info["pairs"] > 0 and info["starts_from"] == ["vit_smoke", "bert_smoke"]
-    assert [h["step"] for h in pretrain.pretraining_history("albef_smoke")] == [2, 3]
+    assert [h["step"] for h in pretrain.pretraining_history("vlp_smoke")] == [2, 3]
     assert (pretrain.weights_dir(tiny["vit_smoke"])).is_dir() and (pretrain.weights_dir(tiny["bert_smoke"])).is_dir()
     state = load_file(str(folder / "model.safetensors"))
     assert "text_encoder.encoder.layer.3.crossattention.self.key.weight" in state and "itm_head.weight" in state
@@ -382,10 +405,10 @@ def test_vlp_stage_trains_and_loads_like_an_albef_checkpoint(tiny):
     assert torch.equal(model.fusion[1].cross_attn.key.weight,
                        state["text_encoder.encoder.layer.3.crossattention.self.key.weight"])
     assert torch.equal(model.itm_head.weight[0], state["itm_head.weight"][1] - state["itm_head.weight"][0])
-    assert model.pretrained_sources()["text"].startswith("albef:workbook:albef_smoke@")
-    before = pretrain.pretrain_hash(tiny["albef_smoke"])
+    assert model.pretrained_sources()["text"].startswith("albef:workbook:vlp_smoke@")
+    before = pretrain.pretrain_hash(tiny["vlp_smoke"])
     pretrain.WORKBOOK_WEIGHTS["bert_smoke"] = dataclasses.replace(tiny["bert_smoke"], steps=4)
-    assert pretrain.pretrain_hash(tiny["albef_smoke"]) != before  # new text weights, new VLP weights
+    assert pretrain.pretrain_hash(tiny["vlp_smoke"]) != before  # new text weights, new VLP weights
 
 
 def test_phrase_maps_pointing_game_and_figures(tmp_path):

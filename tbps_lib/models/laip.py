@@ -49,6 +49,11 @@ Choices where the paper is silent or wrong (config fields where they are setting
   retrieval fine-tuning does with image ids), the target mass shared among them; no momentum distillation
   (the paper's Eq. (17) has hard labels). Queues start as random unit vectors of no person (ALBEF), and
   each process enqueues the gathered momentum features (``all_gather_no_grad``).
+* ``model.itc_batch``: Eq. (16) contrasts with "the representations both from the original encoder and the
+  paired momentum one"; ALBEF's code puts the batch's *momentum* features first in the banks
+  ("momentum", the default). "online" puts the batch's online features there instead (gradients on both
+  sides, CLIP-like), for runs from encoders that were never aligned, where momentum targets of 0.995 move
+  little in a few hundred steps.
 * Which row of the attention is "forward": the paper's Eq. (4) uses row 0 ([CLS]) and Eq. (6) the
   gradient with respect to it; the score s of Eq. (5) is the masked-word logit of the true token at the
   fusion output. As the paper notes, at the last fusion layer that gradient is zero; a zero row falls back
@@ -80,7 +85,7 @@ Choices where the paper is silent or wrong (config fields where they are setting
   loaded weights.
 * The smoke preset: the workbook's vit_smoke and bert_smoke (2 layers = the text encoder) and 2 new fusion
   layers; L = 1 (the last layer's backward attention is zero, as the paper says of its 6th); the whole
-  model starts from the workbook's ALBEF-style vision-language pretraining (``workbook:albef_smoke``:
+  model starts from the workbook's ALBEF-style vision-language pretraining (``workbook:vlp_smoke``:
   ITC + ITM + MLM on the disjoint pretraining corpus, ``tbps_lib.pretrain``), which also stands in for
   the paper's COCO pre-finetuning in ``paper_rows`` (``coco=1``: from it; ``coco=0``: from the unimodal
   encoders alone). In the paper preset ``coco=1`` rows are not reproducible (no COCO, no LAIP weights) and
@@ -237,18 +242,20 @@ class FusionLayer(nn.Module):
 # Presets and the paper's rows
 
 
-# What LAIP is during the workbook's VLP stage (``tbps_lib.pretrain``, ``workbook:albef_smoke``): ALBEF's
+# What LAIP is during the workbook's VLP stage (``tbps_lib.pretrain``, ``workbook:vlp_smoke``): ALBEF's
 # pretraining losses ITC + ITM + MLM, no phrase stream, from the start.
 VLP_CHANGES: dict[str, Any] = {"model.init_albef": None, "model.ftri": False, "model.foratt": False,
                                "model.backatt": False, "model.masked_modeling": "caption", "model.stage1_share": 0.0}
 
 
 def smoke_preset(dataset: str) -> Mapping[str, Any]:
-    """vit_smoke + bert_smoke (pretrained by the workbook), 2 fusion layers, L = 1, AdamW (module docstring)."""
+    """vit_smoke + bert_smoke (pretrained by the workbook) under the workbook's VLP weights, 2 fusion layers,
+    L = 1, AdamW at 5e-4 (the paper's 1e-5 is for ALBEF-B fine-tuning; the smoke model's fusion layers and
+    projections are small and short-trained), top 16 re-scored (module docstring)."""
     return {**SMOKE_DEFAULTS, "image.arch": "vit_smoke", "image.pretrained": "workbook:vit_smoke",
             "text.arch": "bert_smoke", "text.pretrained": "workbook:bert_smoke", "optim.optimizer": "adamw",
             "optim.lr": 5e-4, "optim.weight_decay": 0.02, "eval.rescore_k": 16,
-            "model.init_albef": "workbook:albef_smoke"}
+            "model.init_albef": "workbook:vlp_smoke"}
 
 
 def paper_preset(dataset: str) -> Mapping[str, Any]:
@@ -272,7 +279,7 @@ def paper_rows(flags: Mapping[str, str], preset: str) -> dict[str, Any]:
     ``coco`` (COCO pre-finetuning of ALBEF before the person-search training): in the paper preset
     ``coco=1`` needs LAIP's COCO-finetuned ALBEF weights and COCO, so it is not reproducible, and ``coco=0``
     starts from the ALBEF file of ``model.init_albef``. In the smoke preset the workbook's vision-language
-    pretraining stage on its disjoint corpus (``workbook:albef_smoke``) stands in for that extra image-text
+    pretraining stage on its disjoint corpus (``workbook:vlp_smoke``) stands in for that extra image-text
     stage: ``coco=1`` starts from it, ``coco=0`` from the unimodal smoke encoders alone (new fusion layers).
     So smoke "Baseline" vs "Baseline+" measures what the VLP stage adds, not COCO.
     """
@@ -281,7 +288,7 @@ def paper_rows(flags: Mapping[str, str], preset: str) -> dict[str, Any]:
         if preset == "paper":
             raise NotReproducible("COCO pre-finetuning needs LAIP's COCO-finetuned ALBEF weights and the COCO "
                                   "dataset, which the workbook does not have (offline)")
-        changes["model.init_albef"] = "workbook:albef_smoke"
+        changes["model.init_albef"] = "workbook:vlp_smoke"
     elif preset != "paper":
         changes["model.init_albef"] = None
     if flags.get("itc_itm", "1") != "1":
@@ -351,7 +358,7 @@ def albef_to_laip(state: Mapping[str, Tensor], text_layers: int) -> tuple[dict[s
 
 def laip_to_albef(state: Mapping[str, Tensor], text_layers: int) -> dict[str, Tensor]:
     """The inverse of :func:`albef_to_laip` for the weights it maps (momentum copies and queues are left out):
-    how the workbook's VLP stage (``tbps_lib.pretrain``, ``workbook:albef_smoke``) saves, so that one loader
+    how the workbook's VLP stage (``tbps_lib.pretrain``, ``workbook:vlp_smoke``) saves, so that one loader
     reads both. The one-logit ITM head becomes ALBEF's two rows (0, w)."""
     parts = {v: k for k, v in _ALBEF_PARTS.items()}
     heads = {v: k for k, v in _ALBEF_HEAD.items()}
@@ -431,7 +438,7 @@ class LAIP(RetrievalModel):
         model must be given except the MPM head (absent from ALBEF's retrieval checkpoints)."""
         from pathlib import Path
 
-        local, label = resolve_weights(path, "model.init_albef")  # workbook:albef_smoke: the VLP stage
+        local, label = resolve_weights(path, "model.init_albef")  # workbook:vlp_smoke: the VLP stage
         file = Path(str(local)).expanduser()
         file = file / "model.safetensors" if file.is_dir() else file
         state = load_state_dict_file(file, "model.init_albef")
