@@ -406,6 +406,9 @@ def test_vlp_stage_trains_and_loads_like_an_albef_checkpoint(tiny):
                        state["text_encoder.encoder.layer.3.crossattention.self.key.weight"])
     assert torch.equal(model.itm_head.weight[0], state["itm_head.weight"][1] - state["itm_head.weight"][0])
     assert model.pretrained_sources()["text"].startswith("albef:workbook:vlp_smoke@")
+    bare = build_model(make_config("laip", changes={"model.num_classes": 4, "model.backatt": False,
+                                                    "model.masked_modeling": "none"}))  # no MLM head: skipped
+    assert bare.mpm_head is None and torch.equal(bare.itm_head.weight, model.itm_head.weight)
     before = pretrain.pretrain_hash(tiny["vlp_smoke"])
     pretrain.WORKBOOK_WEIGHTS["bert_smoke"] = dataclasses.replace(tiny["bert_smoke"], steps=4)
     assert pretrain.pretrain_hash(tiny["vlp_smoke"]) != before  # new text weights, new VLP weights

@@ -443,6 +443,8 @@ class LAIP(RetrievalModel):
         file = file / "model.safetensors" if file.is_dir() else file
         state = load_state_dict_file(file, "model.init_albef")
         mapped, _ = albef_to_laip(state, len(self.text_encoder.bert.encoder.layer))
+        if self.mpm_head is None:  # a variant without the MLM/MPM head: the checkpoint's head is not used
+            mapped = {k: v for k, v in mapped.items() if not k.startswith("mpm_head.")}
         own = self.state_dict()
         missing = sorted(k for k in own if k not in mapped and not k.startswith("mpm_head."))
         unexpected = sorted(k for k in mapped if k not in own)
