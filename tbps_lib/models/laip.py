@@ -250,11 +250,12 @@ VLP_CHANGES: dict[str, Any] = {"model.init_albef": None, "model.ftri": False, "m
 
 def smoke_preset(dataset: str) -> Mapping[str, Any]:
     """vit_smoke + bert_smoke (pretrained by the workbook) under the workbook's VLP weights, 2 fusion layers,
-    L = 1, AdamW at 5e-4 (the paper's 1e-5 is for ALBEF-B fine-tuning; the smoke model's fusion layers and
-    projections are small and short-trained), top 16 re-scored (module docstring)."""
+    L = 1, AdamW at 5e-4 with the encoders at x0.1 (the paper's 1e-5 is for ALBEF-B fine-tuning; the smoke
+    transformers do not train at full rate, the new fusion layers and projections need it), top 16
+    re-scored (module docstring)."""
     return {**SMOKE_DEFAULTS, "image.arch": "vit_smoke", "image.pretrained": "workbook:vit_smoke",
             "text.arch": "bert_smoke", "text.pretrained": "workbook:bert_smoke", "optim.optimizer": "adamw",
-            "optim.lr": 5e-4, "optim.weight_decay": 0.02, "eval.rescore_k": 16,
+            "optim.lr": 5e-4, "optim.backbone_lr_factor": 0.1, "optim.weight_decay": 0.02, "eval.rescore_k": 16,
             "model.init_albef": "workbook:vlp_smoke"}
 
 
