@@ -68,6 +68,8 @@ def bench_config(method: str, preset: str, batch_size: int, changes: dict | None
     that a dataset would resolve (classes, Sew's caption-length bounds) are set from the batch."""
     cfg = make_config(method, preset)
     fixed = {"model.num_classes": max(batch_size // 2, 2), "data.batch_size": batch_size, **(changes or {})}
+    if getattr(cfg.model, "init_albef", None):  # LAIP's whole-model weights: speed does not depend on them
+        fixed["model.init_albef"] = None
     if getattr(cfg.model, "t_max", None) == 0:  # Sew's caption-length bounds come from data: use the batch's
         fixed.update({"model.t_min": 10.0, "model.t_max": 40.0})
     return override(cfg, fixed)

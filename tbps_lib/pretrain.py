@@ -84,6 +84,8 @@ class PretrainConfig:
             return "image"
         if self.arch in TEXT_ARCHS:
             return "text"
+        if self.arch in VLP_STARTS:
+            return "vlp"
         raise ValueError(f"PretrainConfig.arch: unknown architecture {self.arch!r}")
 
 
@@ -97,12 +99,19 @@ WORKBOOK_WEIGHTS: dict[str, PretrainConfig] = {c.arch: c for c in (
     # (still rising); at 2e-3 it reaches 0.68 in the same steps (bigru_smoke: 0.70).
     PretrainConfig("bert_smoke", steps=800, lr=2e-3),
     PretrainConfig("bigru_smoke", steps=800, lr=2e-3),
+    PretrainConfig("vlp_smoke", steps=200, batch_size=32, lr=5e-4, weight_decay=0.02),
 )}
+
+# Vision-language pretraining (LAIP's smoke stand-in for ALBEF): the weights each starts from. Their hashes
+# enter its hash, so retrained unimodal weights give new VLP weights.
+VLP_STARTS: dict[str, tuple[str, str]] = {"vlp_smoke": ("vit_smoke", "bert_smoke")}
 
 
 def pretrain_hash(cfg: PretrainConfig) -> str:
     """12 hex digits: a hash of the canonical JSON of ``cfg`` and the format version."""
     data = {"format": FORMAT_VERSION, **json.loads(json.dumps(dataclasses.asdict(cfg)))}
+    if cfg.arch in VLP_STARTS:  # only the VLP weights' hash carries this key: the others are unchanged
+        data["starts_from"] = [pretrain_hash(WORKBOOK_WEIGHTS[a]) for a in VLP_STARTS[cfg.arch]]
     return hashlib.sha1(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
@@ -173,7 +182,7 @@ def ensure_pretrained(cfg: PretrainConfig | str, cache_dir: str | Path | None = 
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             start, cpu = time.perf_counter(), time.process_time()
-            train = _train_image if cfg.kind == "image" else _train_text
+            train = {"image": _train_image, "text": _train_text, "vlp": _train_vlp}[cfg.kind]
             history, extra = train(cfg, tmp, progress)
             info = {"config": dataclasses.asdict(cfg), "hash": pretrain_hash(cfg), "format": FORMAT_VERSION,
                     "kind": cfg.kind, "train_time_s": round(time.perf_counter() - start, 1),
@@ -470,6 +479,73 @@ def _train_text(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[di
         tok.save(out)
     return history, {"captions": len(captions), "captions_dropped_as_benchmark_duplicates": dropped,
                      "vocab_size": tok.vocab_size}
+
+
+def _train_vlp(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """ALBEF-style vision-language pretraining of LAIP's smoke model (``models.laip``): image-text contrastive
+    learning with momentum queues, image-text matching with hard negatives and masked language modelling
+    (LAIP's ITC + ITM + MLM terms, its Table V MLM on whole captions) on the corpus's image-caption pairs,
+    starting from ``workbook:vit_smoke`` and ``workbook:bert_smoke`` (2 text layers) with 2 new fusion layers.
+    Captions that are also benchmark captions are dropped. The momentum/queue update of a step runs at the
+    start of the next one (``_optimise`` has no hook after the optimiser step). Saved with ALBEF's key names
+    (``models.laip.laip_to_albef``) in ``model.safetensors``, so ``model.init_albef`` loads it like an ALBEF
+    checkpoint. History: loss, and held-out text-to-image R@1 by ITC similarity as the accuracy."""
+    from safetensors.torch import save_file
+
+    from tbps_lib.config import make_config
+    from tbps_lib.data.loaders import build_tokenizer
+    from tbps_lib.models.laip import LAIP, VLP_CHANGES, laip_to_albef
+
+    torch.manual_seed(cfg.seed)
+    ds = load_corpus(cfg)
+    records = ds.split("train")
+    taken = benchmark_captions(cfg.corpus_preset)
+    pairs = [(i, c) for i, r in enumerate(records) for c in r.captions if c not in taken]
+    image_arch, text_arch = VLP_STARTS[cfg.arch]
+    model_cfg = make_config("laip", changes={**VLP_CHANGES, "image.arch": image_arch, "text.arch": text_arch,
+                                             "image.img_size": tuple(cfg.img_size), "text.max_length": cfg.max_length,
+                                             "image.pretrained": WORKBOOK_PREFIX + image_arch,
+                                             "text.pretrained": WORKBOOK_PREFIX + text_arch})
+    tok = build_tokenizer(model_cfg, [])
+    model = LAIP(model_cfg)
+    images = _load_images(ds, records, tuple(cfg.img_size), progress)
+    enc = tok([c for _, c in pairs])
+    image_of = torch.tensor([i for i, _ in pairs])
+    pids = torch.tensor([records[i].pid for i, _ in pairs])
+    train_idx, val_idx = _split_holdout(len(pairs), cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batch_of(idx: Tensor, flip: Tensor | None = None) -> dict[str, Tensor]:
+        ids, mask = enc["input_ids"][idx], enc["attention_mask"][idx]
+        width = int(mask.sum(1).max())
+        return {"images": _as_input(images[image_of[idx]], flip), "input_ids": ids[:, :width],
+                "attention_mask": mask[:, :width], "pids": pids[idx]}
+
+    def step_loss(idx: Tensor) -> Tensor:
+        if model._pending is not None:
+            with torch.no_grad():
+                model.after_optimizer_step(None)
+        return model(batch_of(idx, torch.rand(len(idx), generator=gen) < 0.5))["loss"]
+
+    def validate() -> tuple[float, float]:
+        idx = torch.from_numpy(val_idx[:256])
+        batch = batch_of(idx)
+        loss = model(batch)["loss"].item()
+        model._pending = None  # held-out features never enter the queues
+        feats_i, feats_t = model.encode_images(batch["images"]), model.encode_texts(batch)
+        top = model.similarity(feats_i, feats_t).argmax(dim=1)
+        return loss, float((batch["pids"][top] == batch["pids"]).float().mean())
+
+    history = _optimise(cfg, model, opt, sched, gen, train_idx, step_loss, validate, progress)
+    state = {k: v for k, v in model.state_dict().items()
+             if not (k.split(".")[0].endswith("_m") or k.endswith("_queue") or k == "queue_ptr")}
+    albef = {k: v.detach().contiguous() for k, v in
+             laip_to_albef(state, len(model.text_encoder.bert.encoder.layer)).items()}
+    save_file(albef, str(out / "model.safetensors"), metadata={"format": "pt", "arch": cfg.arch})
+    return history, {"pairs": len(pairs), "images": len(records), "starts_from": list(VLP_STARTS[cfg.arch])}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -135,6 +135,15 @@ def load_matching_state_dict(module: nn.Module, state: Mapping[str, Tensor], sou
     module.load_state_dict(dict(state), strict=True)
 
 
+def resolve_weights(value: str | None, field_name: str) -> tuple[str | None, str | None]:
+    """``(local path, provenance label)`` of a weights config value (``workbook:<name>`` is trained on first
+    use by ``tbps_lib.pretrain.resolve_pretrained``; a path stays as it is): for methods that load weights
+    of a whole model (LAIP's ``model.init_albef``) through the one allowed upward import."""
+    from tbps_lib.pretrain import resolve_pretrained
+
+    return resolve_pretrained(value, field_name)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Image encoders
 
