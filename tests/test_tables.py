@@ -444,6 +444,8 @@ def test_plan_tables_keeps_only_the_chosen_rows():
     chosen = plan_tables("sew_mcm", {"4": ("Model 2", "Model 6"), "6": None}, "smoke", lookup)
     assert set(chosen.loc[chosen["table"] == "4", "row"]) == {"Model 2", "Model 6"}
     assert len(chosen[chosen["table"] == "6"]) == len(tables.table_configs("sew_mcm", "6", "smoke", lookup))
+    one = plan_tables("part_level", {"2@CUHK-PEDES": ("Ours",)}, "smoke", lookup)
+    assert set(one["dataset"]) == {"CUHK-PEDES"} and set(one["row"]) == {"Ours"} and set(one["table"]) == {"2"}
     with pytest.raises(ValueError, match=r"no row\(s\) \['Model 9'\]"):
         plan_tables("sew_mcm", {"4": ("Model 9",)}, "smoke", lookup)
 

@@ -510,11 +510,17 @@ def plan_tables(paper: str, tables: Iterable[str] | Mapping[str, tuple[str, ...]
                 lookup: RunLookup | None = None) -> pd.DataFrame:
     """:func:`table_configs` of several tables of one paper, one frame with a ``table`` column. ``tables``:
     table names, or ``{table: row labels or None}`` (:func:`trained_tables`) to keep only those rows; a
-    label that is no row of its table is an error."""
+    label that is no row of its table is an error. A name ``"2@CUHK-PEDES"`` keeps only that paper dataset's
+    column of Table 2."""
     chosen = dict(tables) if isinstance(tables, Mapping) else {str(t): None for t in tables}
     frames = []
-    for table, rows in chosen.items():
-        frame = table_configs(paper, table, preset, lookup).assign(table=str(table))
+    for key, rows in chosen.items():
+        table, _, dataset = str(key).partition("@")
+        frame = table_configs(paper, table, preset, lookup).assign(table=table)
+        if dataset:
+            if dataset not in set(frame["dataset"]) and dataset not in DATASETS:
+                raise ValueError(f"{paper} table {table}: unknown dataset {dataset!r} in {key!r}")
+            frame = frame[frame["dataset"] == dataset]
         if rows is not None:
             known = set(paper_table_rows(paper, table))
             unknown = sorted(set(rows) - known)

@@ -214,8 +214,16 @@ def horizontal_stripes(tokens: Tensor, grid: tuple[int, int], n_stripes: int) ->
     return torch.stack([band.amax(dim=(1, 2)) for band in torch.tensor_split(rows, n_stripes, dim=1)], dim=1)
 
 
+#: What notebook 04 trains per budget (``MethodSpec.trained_tables``): ``ci`` and ``full`` (``make
+#: reproduce``) Table 2's Baseline (the figures' reference), + coarse + fine and Ours (the step + CMR) on the
+#: CUHK-PEDES stand-in; ``all`` every runnable row.
+TRAINED_TABLES = {"ci": {"2@CUHK-PEDES": ("Baseline", "Baseline+Coarse+Fine", "Ours")},
+                  "full": {"2@CUHK-PEDES": ("Baseline", "Baseline+Coarse+Fine", "Ours")},
+                  "all": ("2", "3", "4", "S2", "1", "5")}
+
+
 @register_method("part_level", PartLevelConfig, presets={"smoke": smoke_preset, "paper": paper_preset},
-                 paper_rows=paper_rows, figures=FIGURES)
+                 paper_rows=paper_rows, figures=FIGURES, trained_tables=TRAINED_TABLES)
 class PartLevel(DualEncoder):
     """The shared dual encoder (max pooling of projected tokens = the global embeddings) + the modality-specific
     encoders, the modality-sharing decoder and the fine embeddings of the part-level paper."""
