@@ -244,12 +244,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     plan = reproduce_plan(methods, params)
     distinct = plan.drop_duplicates("hash")
     runs_dir = args.runs or None
-    done = [find_run(cfg, runs_dir) is not None for cfg in distinct["config"]]
-    counts = distinct.assign(done=done).groupby("method", sort=False)["done"].agg(["size", "sum"])
+    found = [find_run(cfg, runs_dir) for cfg in distinct["config"]]
+    status = distinct.assign(done=[run is not None for run in found],
+                             stale=[run is not None and bool(run.stale) for run in found])
+    counts = status.groupby("method", sort=False)[["done", "stale"]].agg(["size", "sum"])
     print(f"budget {budget.name}, mode {args.mode}, seeds 0..{params.seeds - 1}, {args.jobs} job(s) x "
           f"{args.threads} thread(s):")
-    for method, (size, finished) in counts.iterrows():
-        print(f"  {method}: {size} distinct runs, {finished} already finished")
+    for method, row in counts.iterrows():
+        stale = int(row[("stale", "sum")])
+        print(f"  {method}: {int(row[('done', 'size')])} distinct runs, {int(row[('done', 'sum')])} already finished"
+              + (f" ({stale} made by other code: loaded as they are unless TBPS_STALE=retrain)" if stale else ""))
     if args.dry_run:
         return 0
     start = time.perf_counter()
