@@ -9,6 +9,8 @@ surroundings in ``synthetic_scene``, drawing in ``synthetic_render``, captions i
 
 Determinism: every image draws from its own random stream seeded by (seed, preset, person id, image
 index), so the output is byte-identical for the same arguments whatever the number of worker processes.
+The same streams let :func:`rerender` draw a stored image again, pixel for pixel, or with its
+surroundings or its person swapped (the scene-swap measurement of notebook 07).
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ height) and ``v`` down from the top of the head (0..1). The view (front, back, s
 are drawn and in which order, so a backpack shows from behind and glasses from the front. The person is
 drawn at 2x (for images under 256 px high) into an RGB layer and a label layer at once, then box-filtered
 down and composited on the camera's background; the label layer becomes the part mask, so mask, boxes
-and pixels agree by construction. Occluders are drawn on top with their own label.
+and pixels agree by construction. Occluders are drawn on top with their own label. One image's stream
+draws three layers in order, the person, the surroundings, then the occluder and camera photometry;
+:func:`render_swapped` takes the person or the surroundings from another stream and keeps the rest.
 """
 from __future__ import annotations
 
