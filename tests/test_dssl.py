@@ -275,3 +275,44 @@ def test_paper_rows_map_the_flags():
 def test_config_errors_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         dssl_model(**changes)
+
+
+# -- figures: the scene swap -----------------------------------------------------------------------------------
+
+def test_scene_swap_changes_by_hand_and_figure(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from tbps_lib.analysis.dssl_figures import feature_functions, scene_swap_figure, swap_changes, swap_images
+    from tbps_lib.data import synthetic
+    from tbps_lib.data.formats import read_synthetic
+    from tbps_lib.data.loaders import image_tensor, normalize_image
+
+    ds = read_synthetic(synthetic.generate("cuhk-like", tmp_path / "set", ids=40, progress=False, workers=1))
+    chosen, images = swap_images(ds, "test", n_ids=3, seed=0)
+    pid = {r.image: r.pid for r in ds.split("test")}
+    assert len({pid[rel] for rel in chosen}) == 3  # distinct test identities
+    for rel, img in zip(chosen, images["original"]):
+        assert np.array_equal(img, np.asarray(Image.open(ds.image_dir / rel)))
+    for swap in ("scene swap", "person swap"):
+        assert all(not np.array_equal(a, b) for a, b in zip(images["original"], images[swap]))
+    model, size = dssl_model(), (64, 32)
+    table = swap_changes(model, ds, size, "test", n_ids=3, seed=0)
+    assert len(table) == 3 * 3 * 2 and set(table["feature"]) == set(feature_functions(model))
+    model.eval()
+    x = torch.stack([normalize_image(image_tensor(Image.fromarray(a), size))
+                     for a in (images["original"][1], images["scene swap"][1])])
+    with torch.no_grad():
+        v = feature_functions(model)["V_S (surroundings)"](x)
+    want = 1 - float(torch.nn.functional.cosine_similarity(v[:1], v[1:]))
+    got = table.query("feature == 'V_S (surroundings)' and swap == 'scene swap'")["change"].iloc[1]
+    assert got == pytest.approx(want, abs=1e-5) and want > 0
+    run = SimpleNamespace(model=model, dataset=ds, config=SimpleNamespace(image=SimpleNamespace(img_size=size)))
+    fig, tables = scene_swap_figure({"dssl": run}, split="test", n_captions=3)
+    summary = tables["dssl_scene_swap"]
+    assert list(summary["feature"]) == list(feature_functions(model)) and (summary["n images"] == 3).all()
+    assert np.allclose(summary["scene / person"], summary["scene swap change"] / summary["person swap change"])
+    assert len(fig.axes[0].patches) == 2 * 3
+    assert "dssl_scene_swap" in method_spec("dssl").figures

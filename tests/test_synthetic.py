@@ -407,3 +407,46 @@ def test_write_caption_respects_visibility_and_minimum_length():
     dress = next(p for p in people if p["upper"] == "dress")
     with pytest.raises(ValueError, match=r"\['lower'\] are marked visible but the person has none"):
         capmod.write_caption(dress, ["upper", "lower", "shoes"], style, np.random.default_rng(0))
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` shrunk by one pixel (4-neighbourhood), image borders count as outside."""
+    m = np.pad(mask, 1)
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+
+
+def test_rerender_reproduces_the_stored_images_and_swaps_one_layer(cuhk, loaded):
+    """rerender without options = the stored image and mask; a scene swap keeps the person's pixels (the
+    cameras made sharp, so no blur carries the new scene over the silhouette) and changes the scene's; a
+    person swap keeps the scene's pixels and changes the person's."""
+    meta = synthetic.read_meta(cuhk)
+    rels = [r.image for r in loaded.split("test")][:6]
+    for rel in rels:
+        again = synthetic.rerender(meta, rel)
+        assert np.array_equal(again.image, np.asarray(Image.open(cuhk / "imgs" / rel)))
+        assert np.array_equal(again.mask, synthetic.load_mask(cuhk, meta["images"][rel]))
+    sharp = json.loads(json.dumps(meta))
+    for cam in sharp["cameras"]:
+        cam.update(blur=0.0, lowres=1.0)
+    for rel, other in zip(rels, rels[1:] + rels[:1]):
+        base = synthetic.rerender(sharp, rel)
+        scene = meta["images"][rel]["scene"]
+        cam = next(c["id"] for c in sharp["cameras"] if c["scene"] != scene)
+        swapped = synthetic.rerender(sharp, rel, scene_camera=cam, scene_seed=1)
+        assert np.array_equal(swapped.mask, base.mask)
+        assert np.array_equal(synthetic.rerender(sharp, rel, scene_camera=cam, scene_seed=1).image, swapped.image)
+        same = (swapped.image == base.image).all(-1)
+        person = (base.mask > 0) & (base.mask != PART_LABELS["occluder"])
+        assert same[_eroded(person)].mean() > 0.99, rel  # edge pixels mix the person with the scene
+        assert same[base.mask == 0].mean() < 0.1, rel
+        recast = synthetic.rerender(sharp, rel, person_from=other)
+        other_mask, occ = synthetic.rerender(sharp, other).mask, PART_LABELS["occluder"]
+        free = (recast.mask != occ) & (other_mask != occ)
+        assert np.array_equal(recast.mask[free], other_mask[free]), rel  # the other image's person
+        scene_px = _eroded((base.mask == 0) & (recast.mask == 0))
+        assert (recast.image == base.image).all(-1)[scene_px].mean() > 0.99, rel
+        assert (recast.image == base.image).all(-1)[_eroded(person & (recast.mask == 0))].mean() < 0.5, rel
+    with pytest.raises(ValueError, match="scene_camera"):
+        synthetic.rerender(meta, rels[0], scene_camera=len(meta["cameras"]))
+    with pytest.raises(ValueError, match="not an image"):
+        synthetic.rerender(meta, "test/nope.png")

@@ -8,6 +8,14 @@ channels of |gradient|; ``person share`` = saliency on the person's pixels (the 
 label but background) / all saliency; ``area share`` = the person's share of the pixels. A feature that
 looks at the person more than at the scene has ``person share > area share`` (``enrichment`` > 1). The
 synthetic benchmark's part masks make this measurable; on real data (no masks) the figure is skipped.
+
+Scene swap (:func:`swap_changes`): the generator renders an image again with its surroundings swapped
+(another camera's scene, crowd and clutter, same person, pose, camera look) and with its person swapped
+(another test identity's person, same surroundings), :func:`tbps_lib.data.synthetic.rerender`. For each
+feature, ``change`` = 1 - cos(feature of the image, feature of the swapped image); a feature of the person
+should change much under a person swap and little under a scene swap (``scene / person`` well below 1), a
+feature of the surroundings the other way round. Edge pixels of the person mix with the new scene (the
+camera's blur), as they would in a photograph.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from tbps_lib.analysis.retrieval import plot_query_results, ranked_table, sample_queries
-from tbps_lib.data.loaders import load_image, normalize_image
+from tbps_lib.data.loaders import image_tensor, load_image, normalize_image
 from tbps_lib.engine.metrics import rank_metrics
 from tbps_lib.losses.dssl import cosine_matrix
 
@@ -191,5 +199,107 @@ def attribution_figure(runs: Mapping[str, Any], *, split: str = "test", n_captio
     return fig, {"dssl_attribution": summary}
 
 
+# -- scene swap ------------------------------------------------------------------------------------------------
+
+def swap_images(dataset: Any, split: str = "test", n_ids: int = 32, seed: int = 0
+                ) -> tuple[list[str], dict[str, list[np.ndarray]]]:
+    """One image of each of ``n_ids`` identities of ``split`` (seeded choice) and, rendered again by the
+    generator, ``original``, ``scene swap`` (a camera of another scene type, the set's bank) and ``person
+    swap`` (the person of the next chosen identity); uint8 H x W x 3 arrays. Empty without a synthetic sidecar."""
+    from tbps_lib.data.formats import read_meta
+    from tbps_lib.data.synthetic import rerender
+
+    records = dataset.split(split)
+    if not records or records[0].meta is None or "scene" not in records[0].meta:
+        return [], {}
+    meta = read_meta(dataset.root)
+    first: dict[int, str] = {}
+    for r in records:
+        first.setdefault(r.pid, r.image)
+    rng = np.random.default_rng(seed)
+    pids = sorted(first)
+    chosen = [first[pids[i]] for i in rng.permutation(len(pids))[:n_ids]]
+    if len(chosen) < 2:
+        raise ValueError(f"a person swap needs at least two identities in {split!r}, got {len(chosen)}")
+    out: dict[str, list[np.ndarray]] = {"original": [], "scene swap": [], "person swap": []}
+    for i, rel in enumerate(chosen):
+        scene = meta["images"][rel]["scene"]
+        others = [c["id"] for c in meta["cameras"] if c["scene"] != scene]
+        out["original"].append(rerender(meta, rel).image)
+        out["scene swap"].append(rerender(meta, rel, scene_camera=int(rng.choice(others)), scene_seed=seed).image)
+        out["person swap"].append(rerender(meta, rel, person_from=chosen[(i + 1) % len(chosen)]).image)
+    return chosen, out
+
+
+def swap_changes(model: Any, dataset: Any, img_size: tuple[int, int], split: str = "test", n_ids: int = 32,
+                 seed: int = 0, batch_size: int = 64) -> pd.DataFrame:
+    """One row per (feature, image, swap): ``change`` = 1 - cos(feature(original), feature(swapped)) for
+    each of :func:`feature_functions` (module docstring). Empty on data the generator did not make."""
+    chosen, images = swap_images(dataset, split, n_ids, seed)
+    if not chosen:
+        return pd.DataFrame()
+    device = next(model.parameters()).device
+    batches = {k: torch.stack([normalize_image(image_tensor(Image.fromarray(a), tuple(img_size))) for a in v])
+               for k, v in images.items()}
+    was = model.training
+    model.eval()
+    rows = []
+    try:
+        with torch.no_grad():
+            for name, fn in feature_functions(model).items():
+                feats = {k: torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu()
+                                       for i in range(0, len(x), batch_size)]) for k, x in batches.items()}
+                for swap in ("scene swap", "person swap"):
+                    change = 1.0 - torch.nn.functional.cosine_similarity(feats["original"], feats[swap], dim=1)
+                    rows += [{"feature": name, "image": rel, "swap": swap, "change": float(c)}
+                             for rel, c in zip(chosen, change)]
+    finally:
+        model.train(was)
+    return pd.DataFrame(rows)
+
+
+def swap_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method and feature: mean change (and standard error) under the scene swap and the person swap,
+    and ``scene / person`` = the ratio of the two means."""
+    g = table.groupby(["method", "feature", "swap"], sort=False)["change"]
+    wide = g.mean().unstack("swap")
+    se = g.sem().unstack("swap")
+    out = pd.DataFrame({"scene swap change": wide["scene swap"], "scene swap se": se["scene swap"],
+                        "person swap change": wide["person swap"], "person swap se": se["person swap"]})
+    out["scene / person"] = out["scene swap change"] / out["person swap change"]
+    out["n images"] = table.groupby(["method", "feature"], sort=False)["image"].nunique()
+    order = table[["method", "feature"]].drop_duplicates().itertuples(index=False, name=None)
+    return out.loc[list(order)].reset_index()
+
+
+def scene_swap_figure(runs: Mapping[str, Any], *, split: str = "test", n_captions: int = 64,
+                      **_: Any) -> FigureResult:
+    """Bars per feature (DSSL's V_P, V_S, V_G against the other runs' global features): the change of the
+    feature when the scene is swapped and the person kept, beside its change when the person is swapped and
+    the scene kept (error bars 2 s.e.); table ``dssl_scene_swap``. ``n_captions`` = number of identities.
+    None without a DSSL run or on data the generator did not make."""
+    if "dssl" not in runs:
+        return None, {}
+    tables = [swap_changes(run.model, run.dataset, tuple(run.config.image.img_size), split, n_ids=n_captions)
+              .assign(method=name) for name, run in runs.items()]
+    tables = [t for t in tables if not t.empty]
+    if not tables:
+        return None, {}
+    summary = swap_summary(pd.concat(tables, ignore_index=True))
+    x = np.arange(len(summary))
+    fig, ax = plt.subplots(figsize=(1.2 * len(summary) + 2.5, 3.2))
+    for offset, swap, color in ((-0.2, "scene swap", "#d73027"), (0.2, "person swap", "#4575b4")):
+        ax.bar(x + offset, summary[f"{swap} change"], width=0.4, yerr=2 * summary[f"{swap} se"], capsize=3,
+               color=color, label=f"{swap} ({'person' if swap == 'scene swap' else 'scene'} kept)")
+    ax.set_xticks(x, [f"{m}\n{f}" for m, f in zip(summary["method"], summary["feature"])], fontsize=8)
+    ax.set_ylabel("1 - cos(original, swapped)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"What moves each image feature ({split}, {int(summary['n images'].iloc[0])} identities)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig, {"dssl_scene_swap": summary}
+
+
 __all__ = ["SCORE_COMBINATIONS", "similarity_terms", "similarity_alternatives", "dssl_fig5", "feature_functions",
-           "person_attribution", "attribution_table", "attribution_summary", "attribution_figure"]
+           "person_attribution", "attribution_table", "attribution_summary", "attribution_figure",
+           "swap_images", "swap_changes", "swap_summary", "scene_swap_figure"]

@@ -9,6 +9,8 @@ surroundings in ``synthetic_scene``, drawing in ``synthetic_render``, captions i
 
 Determinism: every image draws from its own random stream seeded by (seed, preset, person id, image
 index), so the output is byte-identical for the same arguments whatever the number of worker processes.
+The same streams let :func:`rerender` draw a stored image again, pixel for pixel, or with its
+surroundings or its person swapped (the scene-swap measurement of notebook 07).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import multiprocessing as mp
 import numbers
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from PIL import Image
 from tbps_lib.data import synthetic_captions as captions
 from tbps_lib.data.formats import SIDECAR, SIDECAR_VERSION, read_meta, read_sidecar
 from tbps_lib.data.synthetic_attributes import SLOTS, sample_identities, signature
-from tbps_lib.data.synthetic_render import MASK_PALETTE, PART_LABELS, render_image
+from tbps_lib.data.synthetic_render import MASK_PALETTE, PART_LABELS, Rendered, render_image, render_swapped
 from tbps_lib.data.synthetic_scene import CameraSetup, make_cameras, stable_seed
 from tbps_lib.utils import cache_home
 from tbps_lib.utils import progress as progress_bar
@@ -226,17 +229,26 @@ def _png(arr: np.ndarray, palette: list[tuple[int, int, int]] | None = None) -> 
     return buf.getvalue()
 
 
+def _image_stream(job: dict[str, Any], ctx: dict[str, Any]) -> tuple[np.random.Generator, Any]:
+    """The image's random stream, set back to the start of its accepted draw, and that draw (the view and
+    occlusion are re-drawn until at least ``MIN_SLOTS`` slots are visible)."""
+    preset = get_preset(ctx["preset"])
+    ident, cam = job["ident"], ctx["cameras"][job["camera"]]
+    rng = np.random.default_rng([ctx["seed"], stable_seed(preset.name), job["pid"], job["k"]])
+    for _ in range(50):
+        start = rng.bit_generator.state
+        r = render_image(ident, cam, ctx["size"], rng)
+        if sum(s in SLOTS for s in r.visible) >= MIN_SLOTS:
+            rng.bit_generator.state = start
+            return rng, r
+    raise RuntimeError(f"person {job['pid']} image {job['k']}: fewer than {MIN_SLOTS} visible slots in 50 draws")
+
+
 def make_image(job: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     """Render one job: image and mask PNG bytes, captions, and the sidecar entry (without mask path)."""
     preset = get_preset(ctx["preset"])
     ident, cam = job["ident"], ctx["cameras"][job["camera"]]
-    rng = np.random.default_rng([ctx["seed"], stable_seed(preset.name), job["pid"], job["k"]])
-    for _ in range(50):  # re-draw the view/occlusion until at least three slots are visible
-        r = render_image(ident, cam, ctx["size"], rng)
-        if sum(s in SLOTS for s in r.visible) >= MIN_SLOTS:
-            break
-    else:
-        raise RuntimeError(f"person {job['pid']} image {job['k']}: fewer than {MIN_SLOTS} visible slots in 50 draws")
+    _, r = _image_stream(job, ctx)
     crng = np.random.default_rng([ctx["seed"], stable_seed(preset.name), job["pid"], job["k"], 1])
     styles = captions.pick_styles(dict(preset.styles), preset.captions_per_image, crng)
     written = [captions.write_caption(ident, r.visible, st, crng, scene=cam["scene"], min_words=preset.min_words,
@@ -316,6 +328,55 @@ def generate(preset: str, out: str | Path, seed: int = 0, ids: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
+# Re-rendering a generated image with its surroundings or its person swapped
+
+
+_FILE_NAME = re.compile(r"^(?P<split>[a-z]+)/(?P<pid>\d+)_c(?P<camera>\d+)_(?P<k>\d+)\.png$")
+
+
+def _job_of(meta: dict[str, Any], rel: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(job, rendering context) of the image ``rel`` of a generated set, from its sidecar ``meta``."""
+    if meta.get("generator") != GENERATOR_VERSION:
+        raise ValueError(f"the set was made by generator version {meta.get('generator')!r}, this is version "
+                         f"{GENERATOR_VERSION}: it cannot be re-rendered; regenerate the set")
+    match, entry = _FILE_NAME.match(rel), meta["images"].get(rel)
+    if match is None or entry is None:
+        raise ValueError(f"{rel!r} is not an image of this synthetic set")
+    job = {"pid": int(match["pid"]), "split": match["split"], "k": int(match["k"]), "camera": int(match["camera"]),
+           "ident": {**entry["attributes"], "appearance": entry["appearance"]}}
+    ctx = {"preset": meta["preset"], "seed": int(meta["seed"]), "size": tuple(meta["size"]), "cameras": meta["cameras"]}
+    return job, ctx
+
+
+def rerender(meta: dict[str, Any], rel: str, *, scene_camera: int | None = None, scene_seed: int = 0,
+             person_from: str | None = None) -> Rendered:
+    """Render the image ``rel`` of a generated set (``meta`` = its sidecar, :func:`read_meta`) again.
+
+    Without options the result is the stored image and mask, pixel for pixel. ``scene_camera`` swaps the
+    surroundings (scene crop, crowd, clutter) for those of that camera of the set's bank, drawn from a
+    stream seeded by (set seed, preset, person, image, ``scene_seed``); ``person_from`` (another image of
+    the set) swaps the person for that image's person, in that image's pose and placement. What is not
+    swapped is the image's own draw, and so are the occluder and the camera's photometry (lighting, blur,
+    noise) in both cases (:func:`~tbps_lib.data.synthetic_render.render_swapped`). Deterministic.
+    """
+    job, ctx = _job_of(meta, rel)
+    rng, _ = _image_stream(job, ctx)
+    cam = ctx["cameras"][job["camera"]]
+    scene_from = person = None
+    if scene_camera is not None:
+        if not 0 <= int(scene_camera) < len(ctx["cameras"]):
+            raise ValueError(f"scene_camera must be a camera id in [0, {len(ctx['cameras'])}), got {scene_camera}")
+        scene_rng = np.random.default_rng([ctx["seed"], stable_seed(ctx["preset"], "scene"), job["pid"], job["k"],
+                                           int(scene_seed)])
+        scene_from = (ctx["cameras"][int(scene_camera)], scene_rng)
+    if person_from is not None:
+        other, _ = _job_of(meta, person_from)
+        other_rng, _ = _image_stream(other, ctx)
+        person = (other["ident"], ctx["cameras"][other["camera"]], other_rng)
+    return render_swapped(job["ident"], cam, ctx["size"], rng, scene_from=scene_from, person_from=person)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The cache and the sidecar
 
 
@@ -384,4 +445,4 @@ def load_mask(root: str | Path, entry: dict[str, Any]) -> np.ndarray:
 
 __all__ = ["PRESETS", "CORPUS_PRESETS", "Preset", "avoided_signatures", "PART_LABELS", "SLOTS", "SIDECAR", "generate",
            "ensure_synthetic", "read_sidecar",
-           "read_meta", "load_mask", "cache_name", "cache_root", "split_sizes", "get_preset"]
+           "read_meta", "load_mask", "rerender", "cache_name", "cache_root", "split_sizes", "get_preset"]

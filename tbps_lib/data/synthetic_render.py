@@ -6,7 +6,9 @@ height) and ``v`` down from the top of the head (0..1). The view (front, back, s
 are drawn and in which order, so a backpack shows from behind and glasses from the front. The person is
 drawn at 2x (for images under 256 px high) into an RGB layer and a label layer at once, then box-filtered
 down and composited on the camera's background; the label layer becomes the part mask, so mask, boxes
-and pixels agree by construction. Occluders are drawn on top with their own label.
+and pixels agree by construction. Occluders are drawn on top with their own label. One image's stream
+draws three layers in order, the person, the surroundings, then the occluder and camera photometry;
+:func:`render_swapped` takes the person or the surroundings from another stream and keeps the rest.
 """
 from __future__ import annotations
 
@@ -472,9 +474,22 @@ def visible_slots(mask: np.ndarray, before: np.ndarray, ident: dict[str, Any]) -
     return out
 
 
-def render_image(ident: dict[str, Any], cam: dict[str, Any], size: tuple[int, int],
-                 rng: np.random.Generator) -> Rendered:
-    """Render one image of ``ident`` seen by ``cam`` at ``size`` = (height, width)."""
+@dataclass
+class _PersonLayer:
+    """The person drawn alone, downsampled (premultiplied colour, coverage, labels) and where."""
+
+    ident: dict[str, Any]
+    fg: np.ndarray
+    alpha: np.ndarray
+    labels: np.ndarray
+    view: str
+    facing: int
+    truncated: bool
+
+
+def _person_layer(ident: dict[str, Any], cam: dict[str, Any], size: tuple[int, int],
+                  rng: np.random.Generator) -> _PersonLayer:
+    """Draw the person: view, facing, scale and placement for ``cam``, then the parts (first draws of a stream)."""
     h, w = size
     views = np.asarray(cam["views"], dtype=float)
     view = ("front", "back", "side")[int(rng.choice(3, p=views / views.sum()))]
@@ -489,19 +504,59 @@ def render_image(ident: dict[str, Any], cam: dict[str, Any], size: tuple[int, in
     rgb, lab = draw_person((w * ss, h * ss), ident, view, facing, cx * ss, y0 * ss, hp * ss, rng)
     fg, alpha, labels = _downsample(rgb, lab, ss)
     _shade_person(fg, cx, hp)
-    bg = scene.background(cam, h, w, rng)
+    return _PersonLayer(ident, fg, alpha, labels, view, facing, truncated)
+
+
+def _scene_layer(cam: dict[str, Any], size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """The surroundings behind the person: a crop of ``cam``'s scene and its crowd and clutter."""
+    bg = scene.background(cam, size[0], size[1], rng)
     scene.add_crowd(bg, cam, rng)
-    comp = np.asarray(bg, dtype=np.float32) * (1.0 - alpha[..., None]) + fg
+    return bg
+
+
+def _finish(person: _PersonLayer, bg: Image.Image, cam: dict[str, Any], rng: np.random.Generator) -> Rendered:
+    """Composite the person on ``bg``, then the occluder and ``cam``'s photometry (last draws of a stream)."""
+    comp = np.asarray(bg, dtype=np.float32) * (1.0 - person.alpha[..., None]) + person.fg
     img = Image.fromarray(np.clip(comp + 0.5, 0, 255).astype(np.uint8))
-    before = labels.copy()
-    mask_img = Image.fromarray(labels)
+    before = person.labels.copy()
+    mask_img = Image.fromarray(person.labels.copy())
     occluder = scene.add_occluder(img, mask_img, L["occluder"], rng) if rng.random() < cam["occlusion"] else None
     mask = np.asarray(mask_img).copy()
     image = scene.photometric(img, cam, rng)
-    return Rendered(image=image, mask=mask, view=view,
-                    facing=None if view != "side" else ("right" if facing > 0 else "left"),
-                    boxes=boxes_from_mask(mask), visible=visible_slots(mask, before, ident),
-                    occluder=occluder, truncated=truncated)
+    return Rendered(image=image, mask=mask, view=person.view,
+                    facing=None if person.view != "side" else ("right" if person.facing > 0 else "left"),
+                    boxes=boxes_from_mask(mask), visible=visible_slots(mask, before, person.ident),
+                    occluder=occluder, truncated=person.truncated)
+
+
+def render_image(ident: dict[str, Any], cam: dict[str, Any], size: tuple[int, int],
+                 rng: np.random.Generator) -> Rendered:
+    """Render one image of ``ident`` seen by ``cam`` at ``size`` = (height, width)."""
+    person = _person_layer(ident, cam, size, rng)
+    return _finish(person, _scene_layer(cam, size, rng), cam, rng)
+
+
+def render_swapped(ident: dict[str, Any], cam: dict[str, Any], size: tuple[int, int], rng: np.random.Generator,
+                   *, scene_from: tuple[dict[str, Any], np.random.Generator] | None = None,
+                   person_from: tuple[dict[str, Any], dict[str, Any], np.random.Generator] | None = None
+                   ) -> Rendered:
+    """:func:`render_image` of (``ident``, ``cam``, ``rng``) with one layer taken from elsewhere.
+
+    ``scene_from`` = (camera, stream): the surroundings (scene crop, crowd, clutter) are that camera's,
+    drawn from that stream, instead of the image's own; ``person_from`` = (identity, camera, stream): the
+    person (pose, scale, placement, parts) is drawn from that image's stream instead. Everything else
+    comes from ``rng`` exactly as :func:`render_image` draws it (the image's own layers are drawn and
+    discarded to keep the stream in step): the occluder and ``cam``'s photometry (lighting, blur, noise).
+    With neither argument the result is :func:`render_image`'s.
+    """
+    person = _person_layer(ident, cam, size, rng)
+    bg = _scene_layer(cam, size, rng)
+    if person_from is not None:
+        other_ident, other_cam, other_rng = person_from
+        person = _person_layer(other_ident, other_cam, size, other_rng)
+    if scene_from is not None:
+        bg = _scene_layer(scene_from[0], size, scene_from[1])
+    return _finish(person, bg, cam, rng)
 
 
 def _shade_person(fg: np.ndarray, cx: float, hp: float) -> None:

@@ -270,7 +270,8 @@ def zero_elements(x: Tensor, rate: float) -> Tensor:
 
 
 FIGURES = {name: f"tbps_lib.analysis.dssl_figures:{fn}" for name, fn in (
-    ("dssl_fig5_top5", "dssl_fig5"), ("dssl_person_surroundings_attribution", "attribution_figure"))}
+    ("dssl_fig5_top5", "dssl_fig5"), ("dssl_person_surroundings_attribution", "attribution_figure"),
+    ("dssl_scene_swap", "scene_swap_figure"))}
 
 
 #: What notebook 07 trains per budget (``MethodSpec.trained_tables``): ``ci`` Table 3; ``full`` (``make
