@@ -88,7 +88,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tbps_lib.config import SMOKE_DEFAULTS, Config
-from tbps_lib.losses import cmr_loss, commonality, hardest_negative_ranking_loss, id_loss
+from tbps_lib.losses import cmr_loss, commonality, id_loss
+from tbps_lib.losses.part_level import ranking_loss
 from tbps_lib.losses.ranking import REDUCTIONS
 from tbps_lib.models import baseline
 from tbps_lib.models.base import MethodConfig
@@ -119,6 +120,7 @@ class PartLevelConfig(MethodConfig):
     foreground: str = "literal"  # Eq. (5) with A_avg as is ("literal") or divided by its maximum ("max")
     id_weight: float = 1.0  # Eq. (13) weighs every term 1
     ranking_weight: float = 1.0  # for the global, coarse and fine ranking / CMR terms
+    all_negatives_epochs: float = 0.0  # warm-up: Eq. (9)/(12) sum over every negative for these epochs (paper: 0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,6 +135,9 @@ class PartLevelConfig(MethodConfig):
             raise ValueError(f"model.heads must be >= 0 (0 = embed_dim // 64), got {self.heads}")
         if self.margin < 0:
             raise ValueError(f"model.margin must be >= 0, got {self.margin}")
+        if self.all_negatives_epochs < 0:
+            raise ValueError(f"model.all_negatives_epochs must be >= 0 (0 = the hardest negative from the start, "
+                             f"as the paper), got {self.all_negatives_epochs}")
         if self.id_weight < 0 or self.ranking_weight < 0:
             raise ValueError(f"model.id_weight and model.ranking_weight must be >= 0, got "
                              f"{self.id_weight}, {self.ranking_weight}")
@@ -348,15 +353,22 @@ class PartLevel(DualEncoder):
 
     # -- training --------------------------------------------------------------------------------------------
 
+    def negatives(self) -> str:
+        """``"all"`` during the ``model.all_negatives_epochs`` warm-up of a training forward (every negative
+        summed, module docstring), else ``"hardest"`` (Eq. (9) and (12) as written)."""
+        ctx, epochs = self.training_context, self.cfg.model.all_negatives_epochs
+        warm = self.training and ctx is not None and ctx.step < epochs * ctx.steps_per_epoch
+        return "all" if warm else "hardest"
+
     def _pair_loss(self, image: Tensor, text: Tensor, pids: Tensor, weight: Tensor, cmr: bool) -> Tensor:
         """l_R, Eq. (9), or l_CMR, Eq. (12), of one embedding pair [B, d]."""
         m: PartLevelConfig = self.cfg.model
         if not cmr:
-            return hardest_negative_ranking_loss(image, text, pids, m.margin, m.ranking_reduction)
+            return ranking_loss(image, text, pids, m.margin, m.ranking_reduction, self.negatives())
         c_image, c_text = commonality(image @ weight.T), commonality(text @ weight.T)  # Eq. (11)
         if m.detach_commonality:
             c_image, c_text = c_image.detach(), c_text.detach()
-        return cmr_loss(image, text, pids, c_image, c_text, m.margin, m.ranking_reduction)
+        return cmr_loss(image, text, pids, c_image, c_text, m.margin, m.ranking_reduction, self.negatives())
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The named loss terms (unweighted) and ``loss`` = Eq. (13)."""
