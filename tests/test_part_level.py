@@ -13,7 +13,8 @@ from tbps_lib.config import make_config
 from tbps_lib.losses import cmr_loss, commonality, hardest_negative_ranking_loss, id_loss
 from tbps_lib.losses.part_level import ranking_loss
 from tbps_lib.models.base import TrainingContext
-from tbps_lib.models.part_level import PartLevel, PartLevelConfig, horizontal_stripes, paper_rows
+from tbps_lib.models.part_level import (SMOKE_ALL_NEGATIVES_EPOCHS, PartLevel, PartLevelConfig, horizontal_stripes,
+                                        paper_rows)
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
 from test_baseline import N_CLASSES, make_batch
 
@@ -35,7 +36,9 @@ def test_registered_with_presets_and_paper_settings():
     assert (m.coarse, m.fine, m.cmr, m.cmr_coarse, m.decoder, m.n_coarse, m.n_fine) == (
         True, True, True, False, "shared", 4, 4)
     assert m.margin == 0.2 and m.detach_commonality and m.foreground == "literal"
+    assert m.all_negatives_epochs == SMOKE_ALL_NEGATIVES_EPOCHS > 0  # the smoke warm-up (module docstring)
     paper = make_config("part_level", "paper", dataset="cuhk-pedes")
+    assert paper.model.all_negatives_epochs == 0  # Eq. (9)/(12) with the hardest negative from the start
     assert (paper.image.arch, paper.image.img_size, paper.text.arch, paper.text.freeze) == (
         "vit_base_patch16", (384, 128), "bert_base", True)
     o = paper.optim
