@@ -11,7 +11,10 @@ import torch.nn.functional as F
 
 from tbps_lib.config import make_config
 from tbps_lib.losses import cmr_loss, commonality, hardest_negative_ranking_loss, id_loss
-from tbps_lib.models.part_level import PartLevel, PartLevelConfig, horizontal_stripes, paper_rows
+from tbps_lib.losses.part_level import ranking_loss
+from tbps_lib.models.base import TrainingContext
+from tbps_lib.models.part_level import (SMOKE_ALL_NEGATIVES_EPOCHS, PartLevel, PartLevelConfig, horizontal_stripes,
+                                        paper_rows)
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
 from test_baseline import N_CLASSES, make_batch
 
@@ -33,7 +36,9 @@ def test_registered_with_presets_and_paper_settings():
     assert (m.coarse, m.fine, m.cmr, m.cmr_coarse, m.decoder, m.n_coarse, m.n_fine) == (
         True, True, True, False, "shared", 4, 4)
     assert m.margin == 0.2 and m.detach_commonality and m.foreground == "literal"
+    assert m.all_negatives_epochs == SMOKE_ALL_NEGATIVES_EPOCHS > 0  # the smoke warm-up (module docstring)
     paper = make_config("part_level", "paper", dataset="cuhk-pedes")
+    assert paper.model.all_negatives_epochs == 0  # Eq. (9)/(12) with the hardest negative from the start
     assert (paper.image.arch, paper.image.img_size, paper.text.arch, paper.text.freeze) == (
         "vit_base_patch16", (384, 128), "bert_base", True)
     o = paper.optim
@@ -76,6 +81,51 @@ def test_cmr_loss_by_hand():
     assert cmr_loss(v, t, torch.tensor([3, 3]), zero, zero, margin=1.0).item() == 0.0
     with pytest.raises(ValueError, match="one commonality per pair"):
         cmr_loss(v, t, pids, torch.zeros(3), ct)
+
+
+def test_all_negatives_ranking_by_hand():
+    """The warm-up's sum over every negative (VSE0). v = e1, e2, e3; t = e1, (.6, .8, 0), (.6, 0, .8); three
+    people: s(v_k, t_j) = [[1, .6, .6], [0, .8, 0], [0, 0, .8]], alpha .5.
+
+    Image-anchored: v_0 [.5 - 1 + .6]_+ twice = .2, v_1 and v_2 0. Text-anchored: t_1 vs v_0 [.5 - .8 + .6]_+ = .3,
+    t_2 vs v_0 .3, t_0 0: all negatives .8 (hardest only: .1 + .6 = .7). People (0, 0, 1): v_0 and t_1 are no
+    negatives of each other: .1 (v_0 vs t_2) + .3 (t_2 vs v_0) = .4. CMR margins alpha (1 - C) with
+    C(v) = (.5, 0, 0), C(t) = (0, 0, .5): v_0 [.25 - 1 + .6]_+ = 0, t_1 .3, t_2 [.25 - .8 + .6]_+ = .05: .35.
+    """
+    v = torch.eye(3)
+    t = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.6, 0.0, 0.8]])
+    pids = torch.tensor([0, 1, 2])
+    assert ranking_loss(v, t, pids, 0.5, negatives="all").item() == pytest.approx(0.8, rel=1e-6)
+    assert ranking_loss(v, t, pids, 0.5, "mean", negatives="all").item() == pytest.approx(0.8 / 3, rel=1e-6)
+    assert ranking_loss(v, t, pids, 0.5).item() == pytest.approx(0.7, rel=1e-6)
+    assert hardest_negative_ranking_loss(v, t, pids, 0.5).item() == pytest.approx(0.7, rel=1e-6)
+    assert ranking_loss(v, t, torch.tensor([0, 0, 1]), 0.5, negatives="all").item() == pytest.approx(0.4, rel=1e-6)
+    cv, ct = torch.tensor([0.5, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.5])
+    assert cmr_loss(v, t, pids, cv, ct, 0.5, negatives="all").item() == pytest.approx(0.35, rel=1e-6)
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        ranking_loss(v, t, pids, negatives="semi")
+
+
+def test_all_negatives_warm_up_switches_to_the_hardest_negative():
+    """``model.all_negatives_epochs=0.5``: the first half epoch sums every negative, then Eq. (9)/(12)."""
+    model = part_model(**{"model.all_negatives_epochs": 0.5})
+    model.train()
+    batch = make_batch()
+    torch.manual_seed(1)
+    with torch.no_grad():  # dropout-free model: the embeddings of one batch are deterministic
+        img, txt = model.image_embeddings(batch["images"]), model.text_embeddings(batch)
+        w, pids = model.classifier.weight, batch["pids"]
+        for step, negatives in ((0, "all"), (4, "all"), (5, "hardest"), (40, "hardest")):
+            model.set_training_context(TrainingContext(step=step, epoch=0, total_steps=50, steps_per_epoch=10))
+            assert model.negatives() == negatives
+            out = model(batch)
+            assert out["global"].item() == pytest.approx(
+                ranking_loss(img["global"], txt["global"], pids, 0.2, negatives=negatives).item(), rel=1e-5)
+            fine = sum(cmr_loss(v, t, pids, commonality(v @ w.T), commonality(t @ w.T), 0.2, negatives=negatives)
+                       for v, t in zip(img["fine"].unbind(1), txt["fine"].unbind(1)))
+            assert out["fine"].item() == pytest.approx(fine.item(), rel=1e-5)
+        model.eval()  # evaluation (no training forward) never warms up
+        assert model.negatives() == "hardest"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,6 +342,8 @@ def test_config_errors():
         PartLevelConfig(n_coarse=0)
     with pytest.raises(ValueError, match="model.margin must be >= 0"):
         PartLevelConfig(margin=-0.1)
+    with pytest.raises(ValueError, match="model.all_negatives_epochs must be >= 0"):
+        PartLevelConfig(all_negatives_epochs=-1.0)
     with pytest.raises(ValueError, match="model.fine=true needs model.coarse=true"):
         PartLevelConfig(coarse=False, cmr=False)
     with pytest.raises(ValueError, match="model.cmr=true needs model.fine=true"):
