@@ -110,6 +110,13 @@ class TBPSDataset:
     def image_path(self, record: Record) -> Path:
         return self.image_dir / record.image
 
+    @property
+    def has_part_masks(self) -> bool:
+        """Whether the records carry the synthetic benchmark's sidecar (part masks in ``meta["mask"]``,
+        attributes): what the pointing games, look-alike and attribution analyses need. Real datasets (and
+        a synthetic folder read through a real dataset's reader) do not."""
+        return bool(self.records) and self.records[0].meta is not None and "mask" in self.records[0].meta
+
     def train_labels(self) -> dict[int, int]:
         """Map each training person id to a contiguous label 0..N-1 (sorted by id)."""
         return {pid: i for i, pid in enumerate(sorted({r.pid for r in self.split("train")}))}
