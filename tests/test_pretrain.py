@@ -90,7 +90,8 @@ def test_recurrent_weights_keep_their_hash():
     # deliberate change of its recipe or of FORMAT_VERSION updates this literal.
     assert pretrain.pretrain_hash(pretrain.WORKBOOK_WEIGHTS["bigru_smoke"]) == "44a93d90b09d"
     lstm = pretrain.WORKBOOK_WEIGHTS["bilstm_smoke"]
-    assert lstm.kind == "text" and dataclasses.replace(lstm, arch="bigru_smoke") == pretrain.WORKBOOK_WEIGHTS["bigru_smoke"]
+    assert lstm.kind == "text"
+    assert dataclasses.replace(lstm, arch="bigru_smoke") == pretrain.WORKBOOK_WEIGHTS["bigru_smoke"]  # same recipe
 
 
 @pytest.mark.parametrize("arch", ["bert_smoke", "bigru_smoke", "bilstm_smoke"])
