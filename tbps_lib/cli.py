@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train the workbook's pretrained smoke backbones (cached)")
     p.add_argument("--arch", action="append", default=[], metavar="ARCH",
-                   help="resnet_smoke, vit_smoke, swin_smoke, bert_smoke or bigru_smoke (repeatable; default all)")
+                   help="resnet_smoke, vit_smoke, swin_smoke, bert_smoke, bigru_smoke or bilstm_smoke "
+                        "(repeatable; default all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 

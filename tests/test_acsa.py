@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tbps_lib.analysis.tables import table_configs
+from tbps_lib.analysis.tables import plan_row, table_configs
 from tbps_lib.config import make_config
 from tbps_lib.losses import acam_similarity, acsa_loss, cmpc_loss, cmpm_loss
 from tbps_lib.losses.acsa import acam_attention, matching_logits
@@ -309,15 +309,49 @@ def test_paper_rows_map_table_flags_to_configs():
     with pytest.raises(NotReproducible, match="is not what the paper describes"):
         paper_rows({"relations": "I+II", **v}, "smoke")
     smoke = paper_rows({"image_encoder": "swin_t", "text_encoder": "bilstm"}, "smoke")
-    assert smoke == {"model.relations": "I", "image.arch": "swin_smoke", "text.arch": "bigru_smoke",
-                     "image.pretrained": "workbook:swin_smoke", "text.pretrained": "workbook:bigru_smoke",
+    assert smoke == {"model.relations": "I", "image.arch": "swin_smoke", "text.arch": "bilstm_smoke",
+                     "image.pretrained": "workbook:swin_smoke", "text.pretrained": "workbook:bilstm_smoke",
                      "optim.backbone_lr_factor": 0.1}
-    assert "optim.backbone_lr_factor" not in paper_rows({"image_encoder": "resnet50", "text_encoder": "bilstm"},
-                                                         "smoke")  # = relation I, the smoke baseline
+    assert paper_rows({"image_encoder": "resnet50", "text_encoder": "bilstm"}, "smoke") == {
+        "model.relations": "I", "image.arch": "resnet_smoke", "text.arch": "bilstm_smoke",
+        "image.pretrained": "workbook:resnet_smoke", "text.pretrained": "workbook:bilstm_smoke"}
     assert paper_rows({"image_encoder": "vit", "text_encoder": "bert"}, "paper") == {
         "model.relations": "I", "image.arch": "vit_base_patch16", "text.arch": "bert_base"}
-    with pytest.raises(NotReproducible, match="no Bi-LSTM"):
-        paper_rows({"image_encoder": "resnet50", "text_encoder": "bilstm"}, "paper")
+    assert paper_rows({"image_encoder": "resnet50", "text_encoder": "bilstm"}, "paper") == {
+        "model.relations": "I", "image.arch": "resnet50", "text.arch": "bilstm"}
+    with pytest.raises(NotReproducible, match="XLNet weights are not available"):
+        paper_rows({"text_encoder": "xlnet"}, "paper")
+    with pytest.raises(NotReproducible, match="not a text backbone of the ACSA paper's Table III"):
+        paper_rows({"image_encoder": "resnet50", "text_encoder": "xlnet"}, "smoke")
+
+
+def test_table_iii_bilstm_rows_train_the_bilstm_and_xlnet_rows_say_why_not():
+    plan = table_configs("acsa", "III", "smoke")
+    plan = plan[plan["seed"] == 0]
+    lstm = plan[plan["row"].str.contains("Bi-LSTM")]
+    assert len(lstm) == 3 and {c.text.arch for c in lstm["config"]} == {"bilstm_smoke"}
+    assert {c.text.arch for c in plan.loc[~plan.index.isin(lstm.index), "config"]} == {"bert_smoke"}
+    relation_i = table_configs("acsa", "V", "smoke").query("seed == 0 and row == 'I'")["hash"].iloc[0]
+    assert relation_i not in set(lstm["hash"])  # ResNet + Bi-LSTM is no longer the bi-GRU relation-I run
+    for preset in ("smoke", "paper"):
+        xlnet = plan_row("acsa", "VI", 4, "ACSA (Ours)", "Swin Transformer+XLNet", "text_encoder=xlnet", preset)
+        assert xlnet.status == "not reproducible" and "XLNet weights are not available" in xlnet.reason
+        lstm = plan_row("acsa", "III", 1, "ResNet50 + Bi-LSTM", "ResNet50+Bi-LSTM",
+                        "image_encoder=resnet50;text_encoder=bilstm", preset)
+        assert not lstm.status, lstm.reason
+
+
+def test_full_method_with_the_bilstm_encodes_phrases_and_steps():
+    model = acsa_model(**{"text.arch": "bilstm_smoke", "text.vocab_size": 2000})
+    assert isinstance(model.text_encoder.lstm, torch.nn.LSTM)
+    batch = with_phrases(make_batch())
+    phrases, present = model.phrase_embeddings(batch)
+    assert phrases.shape == (8, 10, model.cfg.embed_dim) and present.sum(1).tolist() == [1, 2, 3, 0, 2, 1, 3, 2]
+    assert phrases[~present].abs().sum() == 0 and phrases[present].norm(dim=-1).gt(0).all()
+    out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["acsa"] > 0
+    assert model.text_encoder.lstm.weight_ih_l0.grad.abs().sum() > 0
 
 
 def test_config_errors_name_the_field():

@@ -169,7 +169,8 @@ def _ids(n=3, length=12, vocab=50):
     return ids, mask
 
 
-@pytest.mark.parametrize("arch,dim", [("bert_smoke", 128), ("bigru", 1024), ("bigru_smoke", 128)])
+@pytest.mark.parametrize("arch,dim", [("bert_smoke", 128), ("bigru", 1024), ("bigru_smoke", 128), ("bilstm", 1024),
+                                      ("bilstm_smoke", 128)])
 def test_text_encoder_shapes(arch, dim):
     enc = build_text_encoder(TextEncoderConfig(arch=arch, vocab_size=50))
     ids, mask = _ids()
@@ -190,8 +191,9 @@ def test_bert_base_builds_with_the_configured_vocabulary():
     assert enc.bert.embeddings.word_embeddings.weight.shape == (300, 768)
 
 
-def test_bigru_ignores_padding():
-    enc = build_text_encoder(TextEncoderConfig(arch="bigru_smoke", vocab_size=50)).eval()
+@pytest.mark.parametrize("arch", ["bigru_smoke", "bilstm_smoke"])
+def test_recurrent_encoder_ignores_padding(arch):
+    enc = build_text_encoder(TextEncoderConfig(arch=arch, vocab_size=50)).eval()
     ids = torch.tensor([[5, 6, 7]])
     padded = torch.tensor([[5, 6, 7, 0, 0]])
     a = enc(ids, torch.ones(1, 3, dtype=torch.long))
@@ -200,6 +202,25 @@ def test_bigru_ignores_padding():
     assert torch.allclose(a.tokens, b.tokens[:, :3], atol=1e-6) and torch.equal(b.tokens[:, 3:], torch.zeros(1, 2, 128))
     with pytest.raises(ValueError, match="no tokens"):
         enc(padded, torch.tensor([[1, 1, 1, 0, 0]]) * 0)
+
+
+@pytest.mark.parametrize("arch,cell", [("bigru_smoke", torch.nn.GRU), ("bilstm_smoke", torch.nn.LSTM)])
+def test_recurrent_encoder_cell_and_pooled_states(arch, cell):
+    enc = build_text_encoder(TextEncoderConfig(arch=arch, vocab_size=50)).eval()
+    assert sum(isinstance(m, torch.nn.RNNBase) for m in enc.modules()) == 1
+    assert isinstance(getattr(enc, cell.__name__.lower()), cell)  # state-dict keys gru.* / lstm.*
+    ids, mask = _ids()
+    out = enc(ids, mask)
+    half = enc.out_dim // 2
+    last = mask.sum(1) - 1  # pooled = forward hidden state at the last real token, backward at the first
+    assert torch.allclose(out.pooled[:, :half], out.tokens[torch.arange(3), last, :half], atol=1e-6)
+    assert torch.allclose(out.pooled[:, half:], out.tokens[:, 0, half:], atol=1e-6)
+
+
+def test_bigru_checkpoint_does_not_load_into_the_bilstm(tmp_path):
+    torch.save(build_text_encoder(TextEncoderConfig(arch="bigru_smoke", vocab_size=40)).state_dict(), tmp_path / "g.pt")
+    with pytest.raises(ValueError, match="gru.weight_ih_l0"):
+        build_text_encoder(TextEncoderConfig(arch="bilstm_smoke", vocab_size=40, pretrained=str(tmp_path / "g.pt")))
 
 
 def _save_small_bert(folder, vocab=77):

@@ -1,4 +1,4 @@
-"""Image encoders (timm) and text encoders (transformers BERT, a bi-GRU), built from the config.
+"""Image encoders (timm) and text encoders (transformers BERT, a bi-GRU or bi-LSTM), built from the config.
 
 Every image encoder returns :class:`ImageFeatures` (a pooled feature, the token / feature-map sequence and
 the grid shape of the tokens), every text encoder :class:`TextFeatures` (the [CLS]-style pooled feature,
@@ -57,7 +57,7 @@ class ImageFeatures:
 class TextFeatures:
     """What a text encoder returns.
 
-    ``pooled`` [B, D]: the [CLS] token (BERT) or the final forward and backward states (bi-GRU).
+    ``pooled`` [B, D]: the [CLS] token (BERT) or the final forward and backward states (bi-GRU, bi-LSTM).
     ``tokens`` [B, L, D]: every position, [CLS] and [SEP] included. ``mask`` [B, L]: 1 on real tokens.
     """
 
@@ -305,7 +305,8 @@ def build_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
 
 @dataclass(frozen=True, eq=False)
 class TextArch:
-    """A named text architecture: ``kind`` "bert" or "bigru", and its sizes."""
+    """A named text architecture: ``kind`` "bert", or a recurrent cell of ``RECURRENT_CELLS`` ("bigru",
+    "bilstm"), and its sizes."""
 
     kind: str
     sizes: Mapping[str, int]
@@ -324,7 +325,15 @@ TEXT_ARCHS: dict[str, TextArch] = {
     # Bi-GRU over word embeddings; out_dim = 2 * hidden_size (1024 for DSSL's p = 1024).
     "bigru": TextArch("bigru", {"embed_dim": 300, "hidden_size": 512}),
     "bigru_smoke": TextArch("bigru", {"embed_dim": 128, "hidden_size": 64}),
+    # Bi-LSTM (ACSA's Table III text backbone; the paper gives no sizes): the bi-GRU's sizes, so the two
+    # differ only in the cell.
+    "bilstm": TextArch("bilstm", {"embed_dim": 300, "hidden_size": 512}),
+    "bilstm_smoke": TextArch("bilstm", {"embed_dim": 128, "hidden_size": 64}),
 }
+
+# The recurrent kinds of ``TextArch``: the torch module of the cell (its attribute name in the encoder, hence
+# in its state dict, is the module's name in lower case: ``gru.*``, ``lstm.*``).
+RECURRENT_CELLS: dict[str, type[nn.RNNBase]] = {"bigru": nn.GRU, "bilstm": nn.LSTM}
 
 
 def _replace_embeddings(words: Tensor, replace: Tensor, replacement: Tensor | None) -> Tensor:
@@ -450,13 +459,15 @@ class BertTextEncoder(_Freezable):
         return TextFeatures(hidden[:, 0], hidden, attention_mask)
 
 
-class BiGRUTextEncoder(_Freezable):
-    """Word embeddings + a bi-directional GRU (DSSL's text encoder).
+class RecurrentTextEncoder(_Freezable):
+    """Word embeddings + a bi-directional recurrent network: a GRU (DSSL's text encoder) or an LSTM (ACSA's
+    Table III Bi-LSTM), the cell given by the arch's kind (``RECURRENT_CELLS``).
 
-    ``tokens`` are the GRU outputs at every position (zero on padding); ``pooled`` concatenates the final
-    forward state (at the last real token) and the final backward state (at the first token). Padded
-    positions are skipped with ``pack_padded_sequence``, which needs the lengths on the CPU: one host
-    synchronisation per call, accepted for correctness of the backward direction.
+    ``tokens`` are the recurrent outputs at every position (zero on padding); ``pooled`` concatenates the
+    final forward hidden state (at the last real token) and the final backward one (at the first token); an
+    LSTM's cell states are not part of the features. Padded positions are skipped with
+    ``pack_padded_sequence``, which needs the lengths on the CPU: one host synchronisation per call,
+    accepted for correctness of the backward direction.
     """
 
     def __init__(self, arch: str, vocab_size: int, pretrained: str | None = None) -> None:
@@ -472,8 +483,11 @@ class BiGRUTextEncoder(_Freezable):
             raise ValueError(f"text.vocab_size must be > 0, got {vocab_size}")
         self.arch = arch
         sizes = TEXT_ARCHS[arch].sizes
+        cell = RECURRENT_CELLS[TEXT_ARCHS[arch].kind]
         self.embedding = nn.Embedding(vocab_size, sizes["embed_dim"], padding_idx=0)
-        self.gru = nn.GRU(sizes["embed_dim"], sizes["hidden_size"], batch_first=True, bidirectional=True)
+        self.cell_name = cell.__name__.lower()  # "gru" / "lstm": the attribute, so bi-GRU checkpoints keep "gru.*"
+        self.add_module(self.cell_name, cell(sizes["embed_dim"], sizes["hidden_size"], batch_first=True,
+                                             bidirectional=True))
         self.out_dim: int = 2 * sizes["hidden_size"]
         self.word_dim: int = sizes["embed_dim"]  # width of the input word embeddings
         self.vocab_size: int = vocab_size
@@ -484,7 +498,7 @@ class BiGRUTextEncoder(_Freezable):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, replace: Tensor | None = None,
                 replacement: Tensor | None = None) -> TextFeatures:
-        """Token ids and mask [B, L] (padding at the end) -> final states, GRU outputs, mask.
+        """Token ids and mask [B, L] (padding at the end) -> final states, recurrent outputs, mask.
 
         ``replace`` / ``replacement``: as for :class:`BertTextEncoder` (masked positions get a given vector
         instead of their word embedding).
@@ -493,22 +507,24 @@ class BiGRUTextEncoder(_Freezable):
 
         lengths = attention_mask.sum(dim=1).cpu()
         if bool((lengths == 0).any()):
-            raise ValueError("bi-GRU text encoder: a caption in the batch has no tokens (attention_mask all 0)")
+            raise ValueError(f"{self.arch} text encoder: a caption in the batch has no tokens (attention_mask all 0)")
         words = self.embedding(input_ids)
         if replace is not None:
             words = _replace_embeddings(words, replace, replacement)
         packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
-        out, h_n = self.gru(packed)
+        out, h_n = getattr(self, self.cell_name)(packed)
+        if isinstance(h_n, tuple):  # an LSTM returns (hidden states, cell states)
+            h_n = h_n[0]
         tokens, _ = pad_packed_sequence(out, batch_first=True, total_length=input_ids.shape[1])
         return TextFeatures(torch.cat([h_n[0], h_n[1]], dim=-1), tokens, attention_mask)
 
 
-TextEncoder = BertTextEncoder | BiGRUTextEncoder
+TextEncoder = BertTextEncoder | RecurrentTextEncoder
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     """The text encoder of ``cfg``: ``arch``, weights from ``cfg.pretrained`` (a BERT folder, or a
-    state-dict file / folder for the bi-GRU, or ``workbook:<arch>``: ``tbps_lib.pretrain``) else random
+    state-dict file / folder for a recurrent encoder, or ``workbook:<arch>``: ``tbps_lib.pretrain``) else random
     initialisation with ``cfg.vocab_size`` words; frozen (no gradients, eval mode) when ``cfg.freeze``."""
     from tbps_lib.pretrain import resolve_pretrained
 
@@ -518,7 +534,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     if TEXT_ARCHS[cfg.arch].kind == "bert":
         encoder: TextEncoder = BertTextEncoder(cfg.arch, cfg.vocab_size, cfg.max_length, path)
     else:
-        encoder = BiGRUTextEncoder(cfg.arch, cfg.vocab_size, path)
+        encoder = RecurrentTextEncoder(cfg.arch, cfg.vocab_size, path)
     if label != path:
         encoder.pretrained_source = label
     if cfg.freeze:
