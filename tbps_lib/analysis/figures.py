@@ -35,9 +35,6 @@ from matplotlib.figure import Figure
 from tbps_lib.config import WORKBOOK_ROOT
 from tbps_lib.models.sew_mcm import DECODER, FIG4, FIG5, FIG6, POINTING  # Sew/MCM's figure names
 
-DEFAULT_METHODS = ("baseline", "sew_mcm")
-
-
 def figures_dir() -> Path:
     """``$TBPS_FIGURES`` if set, else ``figures/`` at the repository root (next to ``tbps_lib/``)."""
     env = os.environ.get("TBPS_FIGURES")
@@ -109,15 +106,23 @@ def step_delta_figure(steps: pd.DataFrame, paper: str) -> Figure:
     return fig
 
 
-def load_runs(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", data: str | None = None,
-              runs_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
-    """``{method: Run}`` from the run registry, training the runs that are missing (``train_or_load``)."""
+def load_runs(methods: Sequence[str] | None = None, mode: str = "smoke", data: str | None = None,
+              runs_dir: str | os.PathLike | None = None, progress: bool = False,
+              changes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{method: Run}`` from the run registry, training the runs that are missing (``train_or_load``):
+    each method's default config (``make_config(method, mode, data, changes)``) plus ``changes``, the
+    budget's (``NotebookParams.changes``: in the ``ci`` budget 12-step runs; none in ``full``, so the runs
+    are the default runs ``tbps reproduce`` trains). ``methods`` None: every registered method
+    (``models.registry.list_methods``)."""
     from tbps_lib.config import make_config
     from tbps_lib.engine.runs import train_or_load
+    from tbps_lib.models.registry import list_methods
 
+    methods = list_methods() if methods is None else list(methods)
     if not methods:
         raise ValueError("at least one method is needed")
-    return {m: train_or_load(make_config(m, mode, data), runs_dir=runs_dir, progress=progress) for m in methods}
+    return {m: train_or_load(make_config(m, mode, data, changes), runs_dir=runs_dir, progress=progress)
+            for m in methods}
 
 
 def _data_label(runs: Mapping[str, Any], split: str) -> str:
@@ -358,11 +363,12 @@ class Regenerated:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def regenerate(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", data: str | None = None,
+def regenerate(methods: Sequence[str] | None = None, mode: str = "smoke", data: str | None = None,
                runs_dir: str | os.PathLike | None = None, split: str = "test", n_captions: int = 120,
                progress: bool = False, figures: Sequence[str] | None = None) -> Regenerated:
     """The figures every registered method declares (``figures`` of ``register_method``; all of them, or
-    those named in ``figures``), drawn over the runs of ``methods`` (trained if missing) and saved under
+    those named in ``figures``), drawn over the default runs of ``methods`` (None: every registered method;
+    trained if missing, :func:`load_runs`) and saved under
     :func:`figures_dir`, with their tables. A builder that does not apply to these runs (e.g. no decoder,
     no part masks) returns None and is skipped. With Sew/MCM registered: ``gap`` (Fig. 4), ``tsne``
     (Fig. 6), ``pointing`` and ``pointing_by_word`` (the pointing game; synthetic data only) and
@@ -388,7 +394,7 @@ def regenerate(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", da
     return out
 
 
-__all__ = ["DEFAULT_METHODS", "FIG4", "FIG5", "FIG6", "POINTING", "DECODER", "figures_dir", "save_figure",
+__all__ = ["FIG4", "FIG5", "FIG6", "POINTING", "DECODER", "figures_dir", "save_figure",
            "load_runs", "modality_gap_figure", "tsne_figure", "attention_examples", "attention_figure",
            "pointing_tables", "pointing_figure", "decoder_attention_figure", "FigureResult", "sew_fig4", "sew_fig6",
            "sew_fig5", "sew_decoder_figure", "pointing_game_figure", "Regenerated", "regenerate"]
