@@ -2,8 +2,14 @@
 of notebooks 09-11 built from trained runs, so that notebooks and ``tbps figures`` draw them with the same
 code.
 
-Each builder takes ``{method: Run}`` (runs from :func:`load_runs`) and returns the figure with the numbers
-that make it checkable. Each method declares its figures in the registry (``figures`` of
+Each builder takes ``{method: Run}`` (runs from :func:`load_runs`: by default every registered method) and
+returns the figure with the numbers that make it checkable. Every builder works for every method through
+the model contract only: the modality gap and t-SNE read the ``"global"`` embedding every ``encode_*``
+returns (for methods whose score adds other terms, e.g. part-level's coarse/fine or ACSA's entities, that
+is one part of what they retrieve with); the heatmaps differentiate ``pair_scores`` with respect to the
+image encoder's tokens; decoder panels come only from the optional ``decoder_attention`` hook (of the
+registered methods only Sew/MCM has one; part-level's decoder attends from learnt part tokens, not words,
+and has its own registered figure). Each method declares its figures in the registry (``figures`` of
 ``register_method``: figure name -> builder with the :data:`tbps_lib.models.registry.FigureFn` signature);
 :func:`regenerate` trains or loads the runs and saves the figures of every registered method (those that
 apply to the runs). Sew/MCM declares these (the functions at the end of the "Figure builders" section):
