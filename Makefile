@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PYTEST_NB := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: install test test-units test-notebooks reproduce lab clean-runs
+.PHONY: install test test-units test-notebooks test-paper reproduce lab clean-runs
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 test-units: $(STAMP)
 	$(PY) -m pytest -n 2 tests
+
+## The paper path's smoke test alone: every notebook with TBPS_MODE=paper (the papers' backbones at random init,
+## a tiny synthetic set, the `check` budget: one step per run); tests/test_notebooks_paper.py.
+test-paper: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 tests/test_notebooks_paper.py
 
 test-notebooks: $(STAMP)
 	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 $(PY) -m pytest $(PYTEST_NB) notebooks

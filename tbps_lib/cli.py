@@ -239,8 +239,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {list_methods()}")
     budget = BUDGETS[args.budget]
-    params = NotebookParams(mode=args.mode, data=args.data, runs=args.runs or "", budget=budget.name,
-                            seeds=budget.seeds, train_changes=budget.changes if args.mode == "smoke" else ())
+    params = NotebookParams.of(budget.name, args.mode, args.data, args.runs or "")
     plan = reproduce_plan(methods, params)
     distinct = plan.drop_duplicates("hash")
     runs_dir = args.runs or None
@@ -325,6 +324,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tbps_lib.config import BUDGETS
+
     parser = argparse.ArgumentParser(prog="tbps", description="Text-based person search workbook.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -424,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="train every run the notebooks need, several at a time (make reproduce)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help="registered methods (default all)")
-    p.add_argument("--budget", default=os.environ.get("TBPS_BUDGET", "full"), choices=["ci", "full", "all"],
-                   help="notebook budget: ci (make test), full (make reproduce) or all (every table row); "
+    p.add_argument("--budget", default=os.environ.get("TBPS_BUDGET", "full"), choices=sorted(BUDGETS),
+                   help="notebook budget: ci (make test), full (make reproduce), all (every table row) or "
+                        "check (make test-paper); "
                         "default $TBPS_BUDGET or full")
     p.add_argument("--mode", default=os.environ.get("TBPS_MODE", "smoke"), choices=["smoke", "paper"])
     p.add_argument("--data", default=os.environ.get("TBPS_DATA") or "synthetic:cuhk-like",

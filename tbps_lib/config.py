@@ -28,13 +28,33 @@ def default_runs_dir() -> Path:
 
 @dataclass(frozen=True)
 class Budget:
-    """How much a method notebook trains in smoke mode: ``seeds`` per table row (0..seeds-1) and dotted
-    config ``changes`` applied to every smoke run it trains (a different config, so a different run: ``ci``
-    runs never stand in for ``full`` ones)."""
+    """How much a notebook trains: ``seeds`` per table row (0..seeds-1) and dotted config ``changes`` applied
+    to every run it trains (a different config, so a different run: ``ci`` runs never stand in for ``full``
+    ones). ``changes`` apply to the runs the notebooks train to compare (the tables of notebooks 03-07, the
+    methods of notebooks 09-11), in smoke mode only unless ``paper`` (a budget never shrinks the papers'
+    settings, except the ``check`` budget whose purpose is to), and to the methods' default runs only when
+    ``defaults``. ``tables`` names the methods' ``trained_tables`` entry it trains (default: its own name)."""
 
     name: str
     seeds: int
     changes: tuple[tuple[str, Any], ...] = ()
+    paper: bool = False
+    tables: str | None = None
+    defaults: bool = False
+
+    def default_changes_for(self, mode: str) -> tuple[tuple[str, Any], ...]:
+        """The changes for the methods' default runs (notebooks 00, 02, 12; ``tbps reproduce``'s ``default``
+        rows): :meth:`changes_for` when ``defaults``, else none (they stay the preset's full runs)."""
+        return self.changes_for(mode) if self.defaults else ()
+
+    def changes_for(self, mode: str) -> tuple[tuple[str, Any], ...]:
+        """The config changes this budget applies to the runs of ``mode`` (``smoke`` or ``paper``)."""
+        return self.changes if mode == "smoke" or self.paper else ()
+
+    @property
+    def table_budget(self) -> str:
+        """The ``trained_tables`` entry (a budget name) the methods' notebooks train under this budget."""
+        return self.tables or self.name
 
 
 BUDGETS: dict[str, Budget] = {
@@ -46,6 +66,12 @@ BUDGETS: dict[str, Budget] = {
     # CI (`make test`, notebooks under nbval on 2 cores): two seeds (the least that gives a noise band) and
     # runs of a few seconds; the numbers only show that every cell works, not what the methods do.
     "ci": Budget("ci", 2, (("optim.epochs", 1), ("optim.max_steps", 12), ("optim.warmup_epochs", 0.0))),
+    # The paper path's smoke test (`make test-paper`, tests/test_notebooks_paper.py): every notebook with
+    # TBPS_MODE=paper (the papers' backbones, at random init without local weights) on a tiny synthetic set,
+    # one seed, the `full` tables (fewer rows than `ci`'s), runs of one step of a small batch. It checks that
+    # the code runs, nothing else.
+    "check": Budget("check", 1, (("optim.epochs", 1), ("optim.max_steps", 1), ("optim.warmup_epochs", 0.0),
+                                 ("data.batch_size", 4)), paper=True, tables="full", defaults=True),
 }
 """``TBPS_BUDGET`` values (see :class:`Budget`)."""
 
@@ -53,8 +79,8 @@ BUDGETS: dict[str, Budget] = {
 @dataclass(frozen=True)
 class NotebookParams:
     """What every notebook's first cell reads: preset mode, dataset spec, run-registry folder and the
-    training budget (``budget`` name, ``seeds`` per table row, ``train_changes`` for every smoke run;
-    ``train_changes`` is empty in paper mode: a budget never shrinks the papers' settings)."""
+    training budget (``budget`` name, ``seeds`` per table row, ``train_changes`` for every run it trains:
+    :meth:`Budget.changes_for`, empty in paper mode except for the ``check`` budget)."""
 
     mode: str
     data: str
@@ -62,28 +88,39 @@ class NotebookParams:
     budget: str = "full"
     seeds: int = DEFAULT_SEEDS
     train_changes: tuple[tuple[str, Any], ...] = ()
+    default_train_changes: tuple[tuple[str, Any], ...] = ()
 
     @property
     def changes(self) -> dict[str, Any]:
         """``train_changes`` as the dict that ``make_config`` / ``RunLookup(changes=)`` take."""
         return dict(self.train_changes)
 
+    @property
+    def default_changes(self) -> dict[str, Any]:
+        """``default_train_changes`` (:meth:`Budget.default_changes_for`) as a ``make_config`` dict: for the
+        methods' default runs."""
+        return dict(self.default_train_changes)
+
+    @classmethod
+    def of(cls, budget: str, mode: str, data: str, runs: str) -> "NotebookParams":
+        """The parameters of ``budget`` (a :data:`BUDGETS` name) in ``mode``."""
+        if budget not in BUDGETS:
+            raise ValueError(f"TBPS_BUDGET must be one of {tuple(BUDGETS)}, got {budget!r}")
+        b = BUDGETS[budget]
+        return cls(mode=mode, data=data, runs=runs, budget=budget, seeds=b.seeds, train_changes=b.changes_for(mode),
+                   default_train_changes=b.default_changes_for(mode))
+
 
 def notebook_params() -> NotebookParams:
     """Read ``TBPS_MODE`` (smoke|paper, default smoke), ``TBPS_DATA`` (dataset name, ``synthetic:<preset>``
     or a folder; default ``synthetic:cuhk-like``), ``TBPS_RUNS`` (default ``runs/`` at the workbook root) and
-    ``TBPS_BUDGET`` (ci|full|all, default full; :data:`BUDGETS`)."""
+    ``TBPS_BUDGET`` (ci|full|all|check, default full; :data:`BUDGETS`)."""
     mode = os.environ.get("TBPS_MODE", "smoke").strip().lower()
     if mode not in MODES:
         raise ValueError(f"TBPS_MODE must be one of {MODES}, got {mode!r}")
     budget = os.environ.get("TBPS_BUDGET", "full").strip().lower() or "full"
-    if budget not in BUDGETS:
-        raise ValueError(f"TBPS_BUDGET must be one of {tuple(BUDGETS)}, got {budget!r}")
     data = os.environ.get("TBPS_DATA", "synthetic:cuhk-like").strip()
-    runs = str(default_runs_dir())
-    b = BUDGETS[budget]
-    return NotebookParams(mode=mode, data=data, runs=runs, budget=budget, seeds=b.seeds,
-                          train_changes=b.changes if mode == "smoke" else ())
+    return NotebookParams.of(budget, mode, data, str(default_runs_dir()))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -91,8 +91,14 @@ def test_notebook_params(monkeypatch):
     assert p.budget == "ci" and p.seeds == 2 and p.changes["optim.epochs"] == 1 and p.changes["optim.max_steps"] > 0
     cfg = make_config("baseline", "smoke", changes=p.changes)  # the budget's changes are valid config fields
     assert cfg.optim.epochs == 1
+    assert p.default_changes == {}  # ci: the default runs of notebooks 00, 02 and 12 stay full-length
     monkeypatch.setenv("TBPS_MODE", "paper")
     assert notebook_params().changes == {} and notebook_params().seeds == 2  # never shrinks the paper settings
+    monkeypatch.setenv("TBPS_BUDGET", "check")  # ... except the paper path's smoke test, made to
+    p = notebook_params()
+    assert p.seeds == 1 and p.changes["optim.max_steps"] == 1 and p.default_changes == p.changes
+    paper = make_config("baseline", "paper", changes=p.default_changes)
+    assert paper.optim.max_steps == 1 and paper.image.arch == "vit_base_patch16"  # the paper's backbones, capped
     monkeypatch.setenv("TBPS_BUDGET", "tiny")
     with pytest.raises(ValueError, match="TBPS_BUDGET must be one of"):
         notebook_params()

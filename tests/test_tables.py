@@ -443,6 +443,22 @@ def test_reproduce_plan_is_what_the_notebooks_train():
         trained_tables("sew_mcm", "weekly")
 
 
+def test_reproduce_plan_of_the_paper_check(monkeypatch, tmp_path):
+    """The ``check`` budget (the paper path's smoke test) plans the ``full`` tables in paper mode, one seed,
+    every run capped at one step, the default runs included; without it paper mode trains only the
+    default runs, uncapped."""
+    from tbps_lib.analysis.tables import reproduce_plan, trained_tables
+    from tbps_lib.config import NotebookParams
+
+    monkeypatch.setenv("TBPS_CUHK_PEDES_ROOT", str(tmp_path))  # a root makes CUHK-PEDES rows plannable
+    assert trained_tables("sew_mcm", "check") == trained_tables("sew_mcm", "full")
+    plan = reproduce_plan(["sew_mcm"], NotebookParams.of("check", "paper", "synthetic:cuhk-like", ""))
+    assert set(plan["table"]) == {"default", "4"} and set(plan["seed"]) == {0}
+    assert all(c.optim.max_steps == 1 and c.preset == "paper" for c in plan["config"])
+    full = reproduce_plan(["sew_mcm"], NotebookParams.of("full", "paper", "synthetic:cuhk-like", ""))
+    assert full["table"].tolist() == ["default"] and full["config"].iloc[0].optim.max_steps is None
+
+
 def test_plan_tables_keeps_only_the_chosen_rows():
     from tbps_lib.analysis.tables import plan_tables
 

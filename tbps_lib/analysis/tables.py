@@ -496,14 +496,15 @@ def table_configs(paper: str, table: str | int, preset: str = "smoke", lookup: R
 
 
 def trained_tables(method: str, budget: str) -> dict[str, tuple[str, ...] | None]:
-    """What ``method``'s notebook trains in smoke mode under ``budget``: ``{table: row labels, or None for
-    every row}`` (``MethodSpec.trained_tables``; empty when the method declares nothing for it)."""
+    """What ``method``'s notebook trains under ``budget``: ``{table: row labels, or None for every row}``
+    (``MethodSpec.trained_tables`` of the budget's :attr:`~tbps_lib.config.Budget.table_budget`; empty when
+    the method declares nothing for it)."""
     from tbps_lib.config import BUDGETS
     from tbps_lib.models.registry import method_spec
 
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; budgets: {list(BUDGETS)}")
-    return dict(method_spec(method).trained_tables.get(budget, {}))
+    return dict(method_spec(method).trained_tables.get(BUDGETS[budget].table_budget, {}))
 
 
 def plan_tables(paper: str, tables: Iterable[str] | Mapping[str, tuple[str, ...] | None], preset: str = "smoke",
@@ -541,23 +542,24 @@ def paper_table_rows(paper: str, table: str | int) -> list[str]:
 def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:
     """Every run the notebooks of ``methods`` train under ``params`` (a
     :class:`~tbps_lib.config.NotebookParams`): each method's default run on ``params.data`` (table
-    ``default``: the run notebooks 00-02 and 12 load, and 09-11 in a budget without changes), the same
-    with the budget's changes where it has some (table ``figures``: the runs notebooks 09-11 load,
-    ``analysis.figures.load_runs``) and, in smoke mode, the rows of its :func:`trained_tables` for
-    ``params.budget`` with seeds 0..params.seeds-1. ``tbps reproduce`` trains them all before the
-    notebooks run, so the notebooks only load."""
+    ``default``: the run notebooks 00-02 and 12 load, with the budget's ``default_changes``), the same
+    with the budget's changes where they differ (table ``figures``: the runs notebooks 09-11 load,
+    ``analysis.figures.load_runs``; in the ``ci`` budget) and, in smoke mode, the rows of its
+    :func:`trained_tables` for ``params.budget`` with seeds 0..params.seeds-1 (in paper mode only
+    under a budget whose changes apply there: ``check``). ``tbps reproduce`` trains
+    them all before the notebooks run, so the notebooks only load."""
     from tbps_lib.config import config_hash, make_config
 
     lookup = RunLookup(params.mode, params.runs, seeds=params.seeds, changes=params.changes)
     frames = []
     for method in methods:
-        defaults = {"default": make_config(method, params.mode, dataset=params.data)}
-        if params.changes:
+        defaults = {"default": make_config(method, params.mode, dataset=params.data, changes=params.default_changes)}
+        if params.changes != params.default_changes:
             defaults["figures"] = make_config(method, params.mode, params.data, params.changes)
         frames.append(pd.DataFrame([{"table": table, "order": 0, "row": "default", "dataset": params.data,
                                      "seed": cfg.seed, "method": method, "config": cfg, "hash": config_hash(cfg)}
                                     for table, cfg in defaults.items()]))
-        if params.mode == "smoke":
+        if params.mode == "smoke" or params.train_changes:
             frames.append(plan_tables(method, trained_tables(method, params.budget), params.mode, lookup))
     return pd.concat(frames, ignore_index=True)
 

@@ -565,7 +565,8 @@ class _Fit:
                         if self.state.batch_in_epoch >= epoch_steps:
                             break
                 self.end_epoch(epoch, meter)
-                self.save_last()
+                if epoch + 1 < self.n_epochs:  # after the last one `fit` saves the finished state instead
+                    self.save_last()
         finally:
             bar.close()
         return True
