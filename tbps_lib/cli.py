@@ -313,9 +313,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     numbers."""
     from tbps_lib.analysis.figures import regenerate
 
-    from tbps_lib.models.registry import list_methods
-
-    out = regenerate(methods=args.methods or list_methods(), mode=args.mode, data=args.data, runs_dir=args.runs, split=args.split,
+    out = regenerate(methods=args.methods, mode=args.mode, data=args.data, runs_dir=args.runs, split=args.split,
                      n_captions=args.captions, progress=not args.quiet, figures=args.figures)
     for name, table in out.tables.items():
         print(f"== {name}")

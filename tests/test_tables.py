@@ -429,7 +429,13 @@ def test_reproduce_plan_is_what_the_notebooks_train():
     assert default["method"].tolist() == ["baseline", "sew_mcm"]
     assert default["hash"].tolist() == [config_hash(make_config(m, "smoke", "synthetic:cuhk-like"))
                                         for m in ("baseline", "sew_mcm")]
-    rows = plan[plan["table"] != "default"]
+    figures = plan[plan["table"] == "figures"]  # notebooks 09-11: the default runs with the budget's changes
+    assert figures["hash"].tolist() == [config_hash(make_config(m, "smoke", "synthetic:cuhk-like", params.changes))
+                                        for m in ("baseline", "sew_mcm")]
+    assert all(c.optim.max_steps == 12 for c in figures["config"])
+    full = reproduce_plan(["baseline"], NotebookParams(mode="smoke", data="synthetic:cuhk-like", runs=""))
+    assert full["table"].tolist() == ["default"]  # no changes in the full budget: 09-11 load the default runs
+    rows = plan[~plan["table"].isin(["default", "figures"])]
     lookup = RunLookup("smoke", seeds=ci.seeds, changes=params.changes)
     assert rows["hash"].tolist() == plan_tables("sew_mcm", ("4",), "smoke", lookup)["hash"].tolist()
     assert set(rows["seed"]) == {0, 1} and all(c.optim.max_steps == 12 for c in rows["config"])

@@ -522,7 +522,7 @@ def pointing_game(model: nn.Module, tokenizer: CaptionTokenizer, dataset: Any, i
     if not rows:
         raise ValueError(f"no caption of the {len(order)} drawn names a visible part")
     table = pd.DataFrame(rows)
-    numbers = torch.stack(values).cpu().numpy()  # one transfer at the end
+    numbers = torch.stack(values).double().cpu().numpy()  # one transfer at the end; float64 like every table
     for j, col in enumerate(("hit", "energy", "empty", "chance_area", "chance_grid", "caption_hit",
                              "caption_energy", "delta")):
         table[col] = numbers[:, j]
@@ -541,6 +541,8 @@ def pointing_summary(table: pd.DataFrame, by: str = "slot") -> pd.DataFrame:
     per = table.groupby(keys).agg(**agg)
     total = table.assign(**{by: "all"}).groupby(keys).agg(**agg)
     out = pd.concat([per, total]).sort_index()
+    if "method" in table:  # the methods in the table's order (the registry's), each with its sorted rows
+        out = out.reindex(pd.unique(table["method"]), level="method")
     pct = [c for c in out.columns if c.endswith("%")]
     out[pct] = 100.0 * out[pct]
     return out
@@ -572,32 +574,30 @@ def clear_image_axes(axes: Any) -> None:
 
 
 def plot_attention_examples(examples: Sequence[AttentionExample], wrap: int = 34) -> Figure:
-    """The Sew paper's Figure 5 for any methods: per example, the image and caption, each method's
-    caption-level map, then each method's word-level maps."""
+    """The Sew paper's Figure 5 for any number of methods: a block of columns per example (the image with
+    its caption above, then one row per method: its caption-level map and its word-level maps), so that
+    the figure grows downwards with the methods."""
     if not examples:
         raise ValueError("plot_attention_examples needs at least one example")
     methods = list(examples[0].caption_maps)
     n_words = max(len(e.words) for e in examples)
-    n_cols = 1 + len(methods) * (1 + n_words)
-    fig, axes = plt.subplots(len(examples), n_cols, figsize=(1.35 * n_cols + 1.0, 2.9 * len(examples)),
+    block = 1 + n_words
+    n_cols = len(examples) * block
+    fig, axes = plt.subplots(1 + len(methods), n_cols, figsize=(1.35 * n_cols + 0.6, 2.5 * (1 + len(methods))),
                              squeeze=False)
-    for row, ex in enumerate(examples):
-        ax = axes[row, 0]
-        ax.imshow(ex.image.permute(1, 2, 0).numpy())
-        ax.set_xlabel(textwrap.fill(ex.caption, wrap), fontsize=5.5)
-        col = 1
-        for m in methods:
-            axes[row, col].imshow(overlay(ex.image, ex.caption_maps[m]))
-            axes[row, col].set_title(f"{m}\ncaption", fontsize=7)
-            col += 1
-        for m in methods:
-            for k in range(n_words):
-                ax = axes[row, col]
-                if k < len(ex.words):
-                    ax.imshow(overlay(ex.image, ex.word_maps[m][k]))
-                    ax.set_title(f"{m}\n'{ex.words[k][1]}'", fontsize=7)
-                col += 1
-        clear_image_axes(axes[row])
+    for e, ex in enumerate(examples):
+        c0 = e * block
+        axes[0, c0].imshow(ex.image.permute(1, 2, 0).numpy())
+        axes[0, c0 + 1].text(0.0, 1.0, textwrap.fill(ex.caption, wrap * n_words // 2 + 4), fontsize=6,
+                             va="top", ha="left", transform=axes[0, c0 + 1].transAxes)  # beside its image
+        for row, m in enumerate(methods, start=1):
+            axes[row, c0].imshow(overlay(ex.image, ex.caption_maps[m]))
+            axes[row, c0].set_title(f"{m}\ncaption", fontsize=7)
+            for k, (_, word) in enumerate(ex.words):
+                axes[row, c0 + 1 + k].imshow(overlay(ex.image, ex.word_maps[m][k]))
+                axes[row, c0 + 1 + k].set_title(f"{m}\n'{word}'", fontsize=7)
+    for row in axes:
+        clear_image_axes(row)
     fig.tight_layout()
     return fig
 

@@ -160,17 +160,22 @@ def map_scores(sample: EmbeddingSample, coords: np.ndarray) -> pd.DataFrame:
                          "t-SNE map (euclidean)": cluster_scores(coords, sample, "euclidean")}).T
 
 
-def plot_maps(maps: Mapping[str, tuple[EmbeddingSample, np.ndarray]], title: str | None = None) -> Figure:
-    """One panel per method: the t-SNE points, coloured by identity (the same colour for the same identity
-    in every panel), a circle per image and a cross per caption."""
+def plot_maps(maps: Mapping[str, tuple[EmbeddingSample, np.ndarray]], title: str | None = None,
+              columns: int = 3) -> Figure:
+    """One panel per method (``columns`` panels a row): the t-SNE points, coloured by identity (the same
+    colour for the same identity in every panel), a circle per image and a cross per caption."""
     if not maps:
         raise ValueError("plot_maps needs at least one method")
     all_pids = np.unique(np.concatenate([s.pids for s, _ in maps.values()]))
     cmap = plt.get_cmap("tab20" if len(all_pids) <= 20 else "turbo")
     color = {p: cmap(i % 20 if len(all_pids) <= 20 else i / max(len(all_pids) - 1, 1))
              for i, p in enumerate(all_pids)}
-    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 4.0), squeeze=False)
-    for ax, (name, (sample, coords)) in zip(axes[0], maps.items()):
+    n_cols = min(columns, len(maps))
+    n_rows = -(-len(maps) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 4.0 * n_rows), squeeze=False)
+    for ax in axes.flat[len(maps):]:
+        ax.remove()  # the empty panels of the last row
+    for ax, (name, (sample, coords)) in zip(axes.flat, maps.items()):
         for modality, marker, size in (("image", "o", 28), ("text", "x", 22)):
             rows = sample.modality == modality
             ax.scatter(coords[rows, 0], coords[rows, 1], c=[color[p] for p in sample.pids[rows]], marker=marker,

@@ -2,8 +2,14 @@
 of notebooks 09-11 built from trained runs, so that notebooks and ``tbps figures`` draw them with the same
 code.
 
-Each builder takes ``{method: Run}`` (runs from :func:`load_runs`) and returns the figure with the numbers
-that make it checkable. Each method declares its figures in the registry (``figures`` of
+Each builder takes ``{method: Run}`` (runs from :func:`load_runs`: by default every registered method) and
+returns the figure with the numbers that make it checkable. Every builder works for every method through
+the model contract only: the modality gap and t-SNE read the ``"global"`` embedding every ``encode_*``
+returns (for methods whose score adds other terms, e.g. part-level's coarse/fine or ACSA's entities, that
+is one part of what they retrieve with); the heatmaps differentiate ``pair_scores`` with respect to the
+image encoder's tokens; decoder panels come only from the optional ``decoder_attention`` hook (of the
+registered methods only Sew/MCM has one; part-level's decoder attends from learnt part tokens, not words,
+and has its own registered figure). Each method declares its figures in the registry (``figures`` of
 ``register_method``: figure name -> builder with the :data:`tbps_lib.models.registry.FigureFn` signature);
 :func:`regenerate` trains or loads the runs and saves the figures of every registered method (those that
 apply to the runs). Sew/MCM declares these (the functions at the end of the "Figure builders" section):
@@ -34,9 +40,6 @@ from matplotlib.figure import Figure
 
 from tbps_lib.config import WORKBOOK_ROOT
 from tbps_lib.models.sew_mcm import DECODER, FIG4, FIG5, FIG6, POINTING  # Sew/MCM's figure names
-
-DEFAULT_METHODS = ("baseline", "sew_mcm")
-
 
 def figures_dir() -> Path:
     """``$TBPS_FIGURES`` if set, else ``figures/`` at the repository root (next to ``tbps_lib/``)."""
@@ -109,15 +112,23 @@ def step_delta_figure(steps: pd.DataFrame, paper: str) -> Figure:
     return fig
 
 
-def load_runs(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", data: str | None = None,
-              runs_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
-    """``{method: Run}`` from the run registry, training the runs that are missing (``train_or_load``)."""
+def load_runs(methods: Sequence[str] | None = None, mode: str = "smoke", data: str | None = None,
+              runs_dir: str | os.PathLike | None = None, progress: bool = False,
+              changes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{method: Run}`` from the run registry, training the runs that are missing (``train_or_load``):
+    each method's default config (``make_config(method, mode, data, changes)``) plus ``changes``, the
+    budget's (``NotebookParams.changes``: in the ``ci`` budget 12-step runs; none in ``full``, so the runs
+    are the default runs ``tbps reproduce`` trains). ``methods`` None: every registered method
+    (``models.registry.list_methods``)."""
     from tbps_lib.config import make_config
     from tbps_lib.engine.runs import train_or_load
+    from tbps_lib.models.registry import list_methods
 
+    methods = list_methods() if methods is None else list(methods)
     if not methods:
         raise ValueError("at least one method is needed")
-    return {m: train_or_load(make_config(m, mode, data), runs_dir=runs_dir, progress=progress) for m in methods}
+    return {m: train_or_load(make_config(m, mode, data, changes), runs_dir=runs_dir, progress=progress)
+            for m in methods}
 
 
 def _data_label(runs: Mapping[str, Any], split: str) -> str:
@@ -358,11 +369,12 @@ class Regenerated:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def regenerate(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", data: str | None = None,
+def regenerate(methods: Sequence[str] | None = None, mode: str = "smoke", data: str | None = None,
                runs_dir: str | os.PathLike | None = None, split: str = "test", n_captions: int = 120,
                progress: bool = False, figures: Sequence[str] | None = None) -> Regenerated:
     """The figures every registered method declares (``figures`` of ``register_method``; all of them, or
-    those named in ``figures``), drawn over the runs of ``methods`` (trained if missing) and saved under
+    those named in ``figures``), drawn over the default runs of ``methods`` (None: every registered method;
+    trained if missing, :func:`load_runs`) and saved under
     :func:`figures_dir`, with their tables. A builder that does not apply to these runs (e.g. no decoder,
     no part masks) returns None and is skipped. With Sew/MCM registered: ``gap`` (Fig. 4), ``tsne``
     (Fig. 6), ``pointing`` and ``pointing_by_word`` (the pointing game; synthetic data only) and
@@ -388,7 +400,7 @@ def regenerate(methods: Sequence[str] = DEFAULT_METHODS, mode: str = "smoke", da
     return out
 
 
-__all__ = ["DEFAULT_METHODS", "FIG4", "FIG5", "FIG6", "POINTING", "DECODER", "figures_dir", "save_figure",
+__all__ = ["FIG4", "FIG5", "FIG6", "POINTING", "DECODER", "figures_dir", "save_figure",
            "load_runs", "modality_gap_figure", "tsne_figure", "attention_examples", "attention_figure",
            "pointing_tables", "pointing_figure", "decoder_attention_figure", "FigureResult", "sew_fig4", "sew_fig6",
            "sew_fig5", "sew_decoder_figure", "pointing_game_figure", "Regenerated", "regenerate"]

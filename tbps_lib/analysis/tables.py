@@ -542,7 +542,9 @@ def paper_table_rows(paper: str, table: str | int) -> list[str]:
 def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:
     """Every run the notebooks of ``methods`` train under ``params`` (a
     :class:`~tbps_lib.config.NotebookParams`): each method's default run on ``params.data`` (table
-    ``default``: the run notebooks 00-02 and 09-12 load) and, in smoke mode, the rows of its
+    ``default``: the run notebooks 00-02 and 12 load, with the budget's ``default_changes``), the same
+    with the budget's changes where they differ (table ``figures``: the runs notebooks 09-11 load,
+    ``analysis.figures.load_runs``; in the ``ci`` budget) and, in smoke mode, the rows of its
     :func:`trained_tables` for ``params.budget`` with seeds 0..params.seeds-1 (in paper mode only
     under a budget whose changes apply there: ``check``). ``tbps reproduce`` trains
     them all before the notebooks run, so the notebooks only load."""
@@ -551,10 +553,12 @@ def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:
     lookup = RunLookup(params.mode, params.runs, seeds=params.seeds, changes=params.changes)
     frames = []
     for method in methods:
-        cfg = make_config(method, params.mode, dataset=params.data, changes=params.default_changes)
-        frames.append(pd.DataFrame([{"table": "default", "order": 0, "row": "default", "dataset": params.data,
-                                     "seed": cfg.seed, "method": method, "config": cfg,
-                                     "hash": config_hash(cfg)}]))
+        defaults = {"default": make_config(method, params.mode, dataset=params.data, changes=params.default_changes)}
+        if params.changes != params.default_changes:
+            defaults["figures"] = make_config(method, params.mode, params.data, params.changes)
+        frames.append(pd.DataFrame([{"table": table, "order": 0, "row": "default", "dataset": params.data,
+                                     "seed": cfg.seed, "method": method, "config": cfg, "hash": config_hash(cfg)}
+                                    for table, cfg in defaults.items()]))
         if params.mode == "smoke" or params.train_changes:
             frames.append(plan_tables(method, trained_tables(method, params.budget), params.mode, lookup))
     return pd.concat(frames, ignore_index=True)
