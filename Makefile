@@ -27,10 +27,11 @@ test: $(STAMP)
 test-units: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
-## The paper path's smoke test alone: every notebook with TBPS_MODE=paper (the papers' backbones at random init,
-## a tiny synthetic set, the `check` budget: one step per run); tests/test_notebooks_paper.py.
+## The paper path's smoke test: every notebook with TBPS_MODE=paper (the papers' backbones at random init, a
+## tiny synthetic set, the `check` budget: one step per run); tests/test_notebooks_paper.py (`make test` runs
+## only its quick-start notebook: the whole takes longer than CI's budget).
 test-paper: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 tests/test_notebooks_paper.py
+	TBPS_TEST_PAPER=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 tests/test_notebooks_paper.py
 
 test-notebooks: $(STAMP)
 	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 $(PY) -m pytest $(PYTEST_NB) notebooks
