@@ -109,7 +109,7 @@ WORKBOOK_WEIGHTS: dict[str, PretrainConfig] = {c.arch: c for c in (
 
 # Vision-language pretraining (LAIP's smoke stand-in for ALBEF): the weights each starts from. Their hashes
 # enter its hash, so retrained unimodal weights give new VLP weights.
-VLP_STARTS: dict[str, tuple[str, str]] = {"vlp_smoke": ("vit_smoke", "bert_smoke")}
+VLP_STARTS: dict[str, tuple[str, str]] = {"vlp_smoke": ("resnet_smoke", "bert_smoke")}
 
 
 def pretrain_hash(cfg: PretrainConfig) -> str:
@@ -490,7 +490,8 @@ def _train_vlp(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[dic
     """ALBEF-style vision-language pretraining of LAIP's smoke model (``models.laip``): image-text contrastive
     learning with momentum queues, image-text matching with hard negatives and masked language modelling
     (LAIP's ITC + ITM + MLM terms, its Table V MLM on whole captions) on the corpus's image-caption pairs,
-    starting from ``workbook:vit_smoke`` and ``workbook:bert_smoke`` (2 text layers) with 2 new fusion layers.
+    starting from ``workbook:resnet_smoke`` (its 8x4 feature map = the patch tokens) and ``workbook:bert_smoke``
+    (2 text layers) with 2 new fusion layers (LAIP's smoke encoders: ``models.laip`` says why not vit_smoke).
     Captions that are also benchmark captions are dropped. The momentum/queue update of a step runs at the
     start of the next one (``_optimise`` has no hook after the optimiser step). Saved with ALBEF's key names
     (``models.laip.laip_to_albef``) in ``model.safetensors``, so ``model.init_albef`` loads it like an ALBEF

@@ -109,14 +109,16 @@ def test_phrase_guided_feature_biatt_and_mpm_by_hand():
 def test_registered_with_presets():
     assert "laip" in list_methods()
     smoke = make_config("laip")
-    assert (smoke.image.arch, smoke.text.arch) == ("vit_smoke", "bert_smoke")
-    assert (smoke.image.pretrained, smoke.text.pretrained) == ("workbook:vit_smoke", "workbook:bert_smoke")
+    assert (smoke.image.arch, smoke.text.arch) == ("resnet_smoke", "bert_smoke")
+    assert (smoke.image.pretrained, smoke.text.pretrained) == ("workbook:resnet_smoke", "workbook:bert_smoke")
+    assert (smoke.model.itc_batch, smoke.model.itm_pairs) == ("online", 16)
     m = smoke.model
     assert (m.ftri, m.foratt, m.backatt, m.masked_modeling, m.delta, m.momentum) == (True, True, True, "phrase", 0.6, 0.995)
     paper = make_config("laip", "paper", dataset="cuhk-pedes")
     assert (paper.image.arch, paper.image.img_size, paper.text.arch, paper.text.max_length) == (
         "vit_base_patch16", (384, 384), "bert_base", 50)
     assert (paper.embed_dim, paper.optim.optimizer, paper.optim.lr, paper.optim.schedule) == (256, "adamw", 1e-5, "cosine")
+    assert (paper.model.itc_batch, paper.model.itm_pairs) == ("momentum", 0)  # ALBEF's, not the smoke deviations
     pm = paper.model
     assert (pm.text_layers, pm.fusion_layers, pm.attention_layer, pm.mask_token_id) == (6, 6, 3, 103)
     assert paper.eval.rescore_k == 128 and pm.stage1_share == pytest.approx(30 / 45)
@@ -160,8 +162,10 @@ def test_itc_term_is_eq_17_against_the_banks(itc_batch):
     assert out["itc"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_itm_and_triplet_use_the_fused_score_of_eq_18():
-    model = laip_model(**{"model.foratt": False, "model.backatt": False, "model.masked_modeling": "none"})
+@pytest.mark.parametrize("itm_pairs", [0, 3])
+def test_itm_and_triplet_use_the_fused_score_of_eq_18(itm_pairs):
+    model = laip_model(**{"model.foratt": False, "model.backatt": False, "model.masked_modeling": "none",
+                          "model.itm_pairs": itm_pairs})
     model.eval()
     batch = make_batch()
     torch.manual_seed(3)
@@ -169,14 +173,18 @@ def test_itm_and_triplet_use_the_fused_score_of_eq_18():
     img = model.image_encoder(batch["images"])
     txt = model.text_encoder(batch["input_ids"], batch["attention_mask"])
     torch.manual_seed(3)
+    sel = torch.randperm(8)[:itm_pairs] if itm_pairs else torch.arange(8)  # the pairs that enter Eq. (19)-(20)
     neg_image, neg_text = model._hard_negatives(model.vision_proj(img.pooled), model.text_proj(txt.pooled), batch["pids"])
     assert not (batch["pids"][neg_image] == batch["pids"]).any() and not (batch["pids"][neg_text] == batch["pids"]).any()
-    tokens = model._image_tokens(img)
+    neg_image, neg_text = neg_image[sel], neg_text[sel]
+    tokens = model._image_tokens(img)[sel]
     score = lambda t, mk, i: model.itm_score(model.fuse(t, mk, i)[0])  # noqa: E731
-    mask = batch["attention_mask"]
-    s_pos = score(txt.tokens, mask, tokens)
-    s_ni = score(txt.tokens, mask, tokens[neg_image])
-    s_nt = score(txt.tokens[neg_text], mask[neg_text], tokens)
+    mask = batch["attention_mask"][sel]
+    full_tokens, full_mask = model._image_tokens(img), batch["attention_mask"]
+    s_pos = score(txt.tokens[sel], mask, tokens)
+    s_ni = score(txt.tokens[sel], mask, full_tokens[neg_image])
+    s_nt = score(txt.tokens[neg_text], full_mask[neg_text], tokens)
+    assert len(s_pos) == (itm_pairs or 8)
     assert out["itm"].item() == pytest.approx(itm_loss(s_pos, torch.cat([s_ni, s_nt])).item(), rel=1e-5)
     assert out["ftri"].item() == pytest.approx(fusion_triplet_loss(s_pos, s_ni, s_nt, 0.6).item(), rel=1e-5)
 
@@ -187,8 +195,9 @@ def test_backward_attention_is_the_gradient_of_the_masked_word_score():
     batch = phrase_batch(3)
     ids, mask = batch["phrase_ids"][:, 0], batch["phrase_attention_mask"][:, 0]
     maps = model.phrase_attention(batch["images"], ids, mask, torch.tensor([1, 2, 1]))
+    n = math.prod(model.image_encoder(batch["images"][:1]).grid)  # image patches (cells of the feature map)
     for v in maps.values():
-        assert v.shape == (3, 8) and torch.allclose(v.sum(1), torch.ones(3), atol=1e-5) and (v >= 0).all()
+        assert v.shape == (3, n) and torch.allclose(v.sum(1), torch.ones(3), atol=1e-5) and (v >= 0).all()
     # the forward map is the head mean of the [CLS] row at layer L, renormalised over the patches
     img = model.image_encoder(batch["images"])
     masked = ids.clone()
@@ -196,12 +205,12 @@ def test_backward_attention_is_the_gradient_of_the_masked_word_score():
     _, probs = model.fuse(model.text_encoder(masked, mask).tokens, mask, model._image_tokens(img), keep=1)
     row = probs[:, :, 0, 1:].mean(1)
     assert torch.allclose(maps["forward"], row / row.sum(1, keepdim=True), atol=1e-5)
-    assert not torch.allclose(maps["backward"], torch.full((3, 8), 1 / 8))
+    assert not torch.allclose(maps["backward"], torch.full((3, n), 1 / n))
     # at the last fusion layer the gradient to the [CLS] row is zero (the paper's remark): uniform weights
     last = laip_model(**{"model.attention_layer": 2})
     last.eval()
     assert torch.allclose(last.phrase_attention(batch["images"], ids, mask, torch.tensor([1, 2, 1]))["backward"],
-                          torch.full((3, 8), 1 / 8))
+                          torch.full((3, n), 1 / n))
 
 
 def test_gradients_reach_what_they_should():
@@ -257,6 +266,18 @@ def test_rescore_is_the_itm_score_of_each_candidate_pair():
                 fused, _ = model.fuse(ft["tokens"][t:t + 1], ft["mask"][t:t + 1], fi["tokens"][cand[t, j]:cand[t, j] + 1])
                 assert got[t, j].item() == pytest.approx(model.itm_score(fused).item(), abs=1e-5)
     assert model.can_rescore
+
+
+def test_momentum_encoders_run_without_dropout():
+    model = laip_model()
+    model.train()
+    assert model.training and model.text_encoder.training and model.image_encoder.training
+    assert not any(getattr(model, t).training for _, t in model._MOMENTUM_PAIRS)
+    batch = phrase_batch()
+    model(batch)
+    first = [t.clone() for t in model._pending[:2]]
+    model(batch)  # online dropout differs between the calls, the momentum targets do not
+    assert all(torch.equal(a, b) for a, b in zip(first, model._pending[:2]))
 
 
 def test_momentum_update_and_queue_wraparound():
@@ -323,7 +344,7 @@ def test_paper_rows_and_coco_rows_are_not_reproducible():
     ("masked_modeling", "words"), ("fusion_layers", 0), ("attention_layer", 3), ("attention_layer", 0),
     ("queue_size", 0), ("max_phrases", 0), ("phrase_length", 2), ("delta", -0.1), ("mlm_ratio", 0.0),
     ("momentum", 1.0), ("temperature", 0.0), ("stage1_share", 1.0), ("text_layers", -1), ("mask_token_id", -1),
-    ("itc_batch", "queue")])
+    ("itc_batch", "queue"), ("itm_pairs", -1)])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         LAIPConfig(**{field: value})
@@ -362,7 +383,8 @@ def _albef_names(model: LAIP, text_layers: int) -> dict[str, torch.Tensor]:
 
 
 def test_albef_checkpoint_key_mapping(tmp_path):
-    model = laip_model()
+    vit = {"image.arch": "vit_smoke"}  # ALBEF's image encoder is a ViT (the smoke preset's is a CNN)
+    model = laip_model(**vit)
     state = _albef_names(model, text_layers=2)
     mapped, ignored = albef_to_laip(state, text_layers=2)
     assert set(ignored) >= {"image_queue", "queue_ptr", "idx_queue"} and all("_m." in k or "queue" in k for k in ignored)
@@ -373,7 +395,7 @@ def test_albef_checkpoint_key_mapping(tmp_path):
     assert torch.equal(mapped["itm_head.weight"], (w[1] - w[0])[None])  # softmax of 2 = sigmoid of the difference
     path = tmp_path / "albef.pth"
     torch.save(state, path)
-    loaded = laip_model(**{"model.init_albef": str(path)})
+    loaded = laip_model(**vit, **{"model.init_albef": str(path)})
     assert torch.equal(loaded.image_encoder.model.pos_embed, state["visual_encoder.pos_embed"])
     assert torch.equal(loaded.fusion[0].self_attn.norm.weight,
                        state["text_encoder.encoder.layer.2.attention.output.LayerNorm.weight"])
@@ -382,11 +404,11 @@ def test_albef_checkpoint_key_mapping(tmp_path):
     del state["text_encoder.encoder.layer.3.crossattention.self.key.weight"]
     torch.save(state, path)
     with pytest.raises(ValueError, match="missing.*fusion.1.cross_attn.key.weight"):
-        laip_model(**{"model.init_albef": str(path)})
+        laip_model(**vit, **{"model.init_albef": str(path)})
 
 
 def test_vlp_stage_trains_and_loads_like_an_albef_checkpoint(tiny):
-    """The workbook's ALBEF stand-in (``workbook:vlp_smoke``): ITC + ITM + MLM from vit_smoke + bert_smoke,
+    """The workbook's ALBEF stand-in (``workbook:vlp_smoke``): ITC + ITM + MLM from resnet_smoke + bert_smoke,
     cached under a hash that follows the weights it starts from, loaded by the smoke preset."""
     import dataclasses
 
@@ -396,9 +418,9 @@ def test_vlp_stage_trains_and_loads_like_an_albef_checkpoint(tiny):
 
     folder = pretrain.ensure_pretrained("vlp_smoke", progress=False)
     info = pretrain.pretraining_info("vlp_smoke")
-    assert info["kind"] == "vlp" and info["pairs"] > 0 and info["starts_from"] == ["vit_smoke", "bert_smoke"]
+    assert info["kind"] == "vlp" and info["pairs"] > 0 and info["starts_from"] == ["resnet_smoke", "bert_smoke"]
     assert [h["step"] for h in pretrain.pretraining_history("vlp_smoke")] == [2, 3]
-    assert (pretrain.weights_dir(tiny["vit_smoke"])).is_dir() and (pretrain.weights_dir(tiny["bert_smoke"])).is_dir()
+    assert (pretrain.weights_dir(tiny["resnet_smoke"])).is_dir() and (pretrain.weights_dir(tiny["bert_smoke"])).is_dir()
     state = load_file(str(folder / "model.safetensors"))
     assert "text_encoder.encoder.layer.3.crossattention.self.key.weight" in state and "itm_head.weight" in state
     model = build_model(make_config("laip", changes={"model.num_classes": 4}))  # the smoke preset's weights
