@@ -112,11 +112,29 @@ WORKBOOK_WEIGHTS: dict[str, PretrainConfig] = {c.arch: c for c in (
 VLP_STARTS: dict[str, tuple[str, str]] = {"vlp_smoke": ("resnet_smoke", "bert_smoke")}
 
 
+def _vlp_model_config(cfg: PretrainConfig) -> Any:
+    """The LAIP config the VLP stage ``cfg`` trains: the smoke preset under ``models.laip.VLP_CHANGES``, on the
+    unimodal workbook weights of ``VLP_STARTS``, at the corpus's image size and ``cfg.max_length``."""
+    from tbps_lib.config import make_config
+    from tbps_lib.models.laip import VLP_CHANGES
+
+    image_arch, text_arch = VLP_STARTS[cfg.arch]
+    return make_config("laip", changes={**VLP_CHANGES, "image.arch": image_arch, "text.arch": text_arch,
+                                        "image.img_size": tuple(cfg.img_size), "text.max_length": cfg.max_length,
+                                        "image.pretrained": WORKBOOK_PREFIX + image_arch,
+                                        "text.pretrained": WORKBOOK_PREFIX + text_arch})
+
+
 def pretrain_hash(cfg: PretrainConfig) -> str:
-    """12 hex digits: a hash of the canonical JSON of ``cfg`` and the format version."""
+    """12 hex digits: a hash of the canonical JSON of ``cfg`` and the format version; a VLP stage's also of the
+    weights it starts from and of the LAIP config it trains (a change to ``VLP_CHANGES`` or to LAIP's smoke
+    preset retrains it)."""
     data = {"format": FORMAT_VERSION, **json.loads(json.dumps(dataclasses.asdict(cfg)))}
-    if cfg.arch in VLP_STARTS:  # only the VLP weights' hash carries this key: the others are unchanged
+    if cfg.arch in VLP_STARTS:  # only the VLP weights' hash carries these keys: the others are unchanged
+        from tbps_lib.config import config_hash
+
         data["starts_from"] = [pretrain_hash(WORKBOOK_WEIGHTS[a]) for a in VLP_STARTS[cfg.arch]]
+        data["model_config"] = config_hash(_vlp_model_config(cfg))
     return hashlib.sha1(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
@@ -498,20 +516,15 @@ def _train_vlp(cfg: PretrainConfig, out: Path, progress: bool) -> tuple[list[dic
     checkpoint. History: loss, and held-out text-to-image R@1 by ITC similarity as the accuracy."""
     from safetensors.torch import save_file
 
-    from tbps_lib.config import make_config
     from tbps_lib.data.loaders import build_tokenizer
-    from tbps_lib.models.laip import LAIP, VLP_CHANGES, laip_to_albef
+    from tbps_lib.models.laip import LAIP, laip_to_albef
 
     torch.manual_seed(cfg.seed)
     ds = load_corpus(cfg)
     records = ds.split("train")
     taken = benchmark_captions(cfg.corpus_preset)
     pairs = [(i, c) for i, r in enumerate(records) for c in r.captions if c not in taken]
-    image_arch, text_arch = VLP_STARTS[cfg.arch]
-    model_cfg = make_config("laip", changes={**VLP_CHANGES, "image.arch": image_arch, "text.arch": text_arch,
-                                             "image.img_size": tuple(cfg.img_size), "text.max_length": cfg.max_length,
-                                             "image.pretrained": WORKBOOK_PREFIX + image_arch,
-                                             "text.pretrained": WORKBOOK_PREFIX + text_arch})
+    model_cfg = _vlp_model_config(cfg)
     tok = build_tokenizer(model_cfg, [])
     model = LAIP(model_cfg)
     images = _load_images(ds, records, tuple(cfg.img_size), progress)
