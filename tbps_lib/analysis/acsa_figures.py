@@ -151,7 +151,7 @@ def phrase_pointing(run: Any, split: str = "test", n_captions: int = 120, seed: 
     from tbps_lib.data.synthetic import load_mask
 
     records = run.dataset.split(split)
-    if not records or records[0].meta is None or "mask" not in records[0].meta:
+    if not records or not run.dataset.has_part_masks:
         return pd.DataFrame()
     model = run.model
     names = region_names(model)

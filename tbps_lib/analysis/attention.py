@@ -494,7 +494,7 @@ def pointing_game(model: nn.Module, tokenizer: CaptionTokenizer, dataset: Any, i
     if source not in ("gradient", "decoder"):
         raise ValueError(f"source must be 'gradient' or 'decoder', got {source!r}")
     records = dataset.split(split)
-    if not records or records[0].meta is None or "mask" not in records[0].meta:
+    if not records or not dataset.has_part_masks:
         raise ValueError("the pointing game needs the synthetic benchmark (records with part masks in meta)")
     pairs = [(r, c) for r in records for c in r.captions]
     order = np.random.default_rng(seed).permutation(len(pairs))[:n_captions]

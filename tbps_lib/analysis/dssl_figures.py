@@ -129,7 +129,7 @@ def person_attribution(model: Any, dataset: Any, img_size: tuple[int, int], spli
     """One row per (feature, image): ``person share`` of the gradient saliency of ||feature|| and the
     person's ``area share`` (module docstring). Empty on data without part masks."""
     records = dataset.split(split)
-    if not records or records[0].meta is None or "mask" not in records[0].meta:
+    if not records or not dataset.has_part_masks:
         return pd.DataFrame()
     pick = np.random.default_rng(seed).permutation(len(records))[:n_images]
     chosen = [records[i] for i in sorted(pick)]

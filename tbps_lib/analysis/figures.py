@@ -242,7 +242,7 @@ def pointing_tables(runs: Mapping[str, Any], split: str = "test", n_captions: in
     tables = []
     for name, run in runs.items():
         records = run.dataset.split(split)
-        if not records or records[0].meta is None or "mask" not in records[0].meta:
+        if not records or not run.dataset.has_part_masks:
             return pd.DataFrame()
         if source == "decoder" and not has_decoder_attention(run.model):
             continue

@@ -70,7 +70,7 @@ def phrase_pointing_game(run: Any, split: str = "test", n_captions: int = 120, s
     from tbps_lib.data.synthetic import load_mask
 
     records = run.dataset.split(split)
-    if not records or records[0].meta is None or "mask" not in records[0].meta:
+    if not records or not run.dataset.has_part_masks:
         return pd.DataFrame()
     pairs = [(r, c) for r in records for c in r.captions]
     rows = []

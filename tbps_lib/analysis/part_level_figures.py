@@ -45,7 +45,7 @@ def _has_parts(run: Any) -> bool:
 
 def _synthetic_records(run: Any, split: str) -> list[Any]:
     records = run.dataset.split(split)
-    if not records or records[0].meta is None or "mask" not in records[0].meta:
+    if not records or not run.dataset.has_part_masks:
         raise ValueError("the part masks of the synthetic benchmark are needed (records with meta['mask'])")
     return records
 
