@@ -638,6 +638,11 @@ def plot_pretraining_curves(names: Sequence[str], cache_dir: str | Path | None =
     return fig
 
 
+RANDOM_INIT: dict[str, str] = {"image.pretrained": "none", "text.pretrained": "none"}
+"""The config changes that start both encoders from random weights instead of pretrained ones (notebook 02's
+comparison; ``tbps reproduce`` trains that baseline run too, table ``random init``)."""
+
+
 def compare_runs(runs: Mapping[str, Any]) -> Any:
     """A table (pandas) of labelled runs: how each encoder was initialised, the selected epoch, validation
     and test R@1 and mAP, and the wall time of training + test evaluation."""
@@ -652,7 +657,7 @@ def compare_runs(runs: Mapping[str, Any]) -> Any:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-__all__ = ["plot_pretraining_curves", "compare_runs", "PretrainConfig", "WORKBOOK_WEIGHTS", "WORKBOOK_PREFIX",
+__all__ = ["plot_pretraining_curves", "compare_runs", "RANDOM_INIT", "PretrainConfig", "WORKBOOK_WEIGHTS", "WORKBOOK_PREFIX",
            "ensure_pretrained", "resolve_pretrained",
            "pretrain_hash", "weights_dir", "cache_root", "pretraining_history", "pretraining_info",
            "corpus_captions", "benchmark_captions", "load_corpus", "linear_probe", "workbook_config"]

@@ -418,7 +418,7 @@ def test_reproduce_plan_is_what_the_notebooks_train():
     """`tbps reproduce` trains the default run of each method plus the rows of the tables its notebook
     trains in the budget (the registry's `trained_tables`), with the budget's seeds and changes."""
     from tbps_lib.analysis.tables import plan_tables, reproduce_plan, trained_tables
-    from tbps_lib.config import BUDGETS, NotebookParams, config_hash, make_config
+    from tbps_lib.config import BUDGETS, NotebookParams, config_diff, config_hash, make_config
 
     ci = BUDGETS["ci"]
     params = NotebookParams(mode="smoke", data="synthetic:cuhk-like", runs="", budget="ci", seeds=ci.seeds,
@@ -434,8 +434,13 @@ def test_reproduce_plan_is_what_the_notebooks_train():
                                         for m in ("baseline", "sew_mcm")]
     assert all(c.optim.max_steps == 12 for c in figures["config"])
     full = reproduce_plan(["baseline"], NotebookParams(mode="smoke", data="synthetic:cuhk-like", runs=""))
-    assert full["table"].tolist() == ["default"]  # no changes in the full budget: 09-11 load the default runs
-    rows = plan[~plan["table"].isin(["default", "figures"])]
+    # no changes in the full budget: 09-11 load the default runs; notebook 02's random-init baseline is planned
+    assert full["table"].tolist() == ["default", "random init"]
+    random_init = full.set_index("table").loc["random init", "config"]
+    assert (random_init.image.pretrained, random_init.text.pretrained) == (None, None)  # "none" reads as None
+    assert [line.split(":")[0] for line in config_diff(full["config"].iloc[0], random_init)] == [
+        "image.pretrained", "text.pretrained"]
+    rows = plan[~plan["table"].isin(["default", "figures", "random init"])]
     lookup = RunLookup("smoke", seeds=ci.seeds, changes=params.changes)
     assert rows["hash"].tolist() == plan_tables("sew_mcm", ("4",), "smoke", lookup)["hash"].tolist()
     assert set(rows["seed"]) == {0, 1} and all(c.optim.max_steps == 12 for c in rows["config"])

@@ -542,13 +542,15 @@ def paper_table_rows(paper: str, table: str | int) -> list[str]:
 def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:
     """Every run the notebooks of ``methods`` train under ``params`` (a
     :class:`~tbps_lib.config.NotebookParams`): each method's default run on ``params.data`` (table
-    ``default``: the run notebooks 00-02 and 12 load, with the budget's ``default_changes``), the same
+    ``default``: the run notebooks 00-02 and 12 load, with the budget's ``default_changes``; for the
+    baseline in smoke mode also table ``random init``, notebook 02's comparison), the same
     with the budget's changes where they differ (table ``figures``: the runs notebooks 09-11 load,
     ``analysis.figures.load_runs``; in the ``ci`` budget) and, in smoke mode, the rows of its
     :func:`trained_tables` for ``params.budget`` with seeds 0..params.seeds-1 (in paper mode only
     under a budget whose changes apply there: ``check``). ``tbps reproduce`` trains
     them all before the notebooks run, so the notebooks only load."""
     from tbps_lib.config import config_hash, make_config
+    from tbps_lib.pretrain import RANDOM_INIT
 
     lookup = RunLookup(params.mode, params.runs, seeds=params.seeds, changes=params.changes)
     frames = []
@@ -556,6 +558,9 @@ def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:
         defaults = {"default": make_config(method, params.mode, dataset=params.data, changes=params.default_changes)}
         if params.changes != params.default_changes:
             defaults["figures"] = make_config(method, params.mode, params.data, params.changes)
+        if method == "baseline" and params.mode == "smoke":  # notebook 02: pretrained vs random init
+            defaults["random init"] = make_config(method, params.mode, params.data,
+                                                  {**params.default_changes, **RANDOM_INIT})
         frames.append(pd.DataFrame([{"table": table, "order": 0, "row": "default", "dataset": params.data,
                                      "seed": cfg.seed, "method": method, "config": cfg, "hash": config_hash(cfg)}
                                     for table, cfg in defaults.items()]))
