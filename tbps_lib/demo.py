@@ -16,7 +16,9 @@ Two layers, so that the logic is tested without a browser:
 
 Word heatmaps come from a *heatmap provider*: a callable ``provider(search, caption, gallery_index)``
 returning a :class:`WordHeatmap` (or plain ``(word, weight)`` pairs, weights >= 0). The default,
-:func:`attention_heatmap`, uses ``tbps_lib.analysis.attention``: each word's weight is the share of the
+:func:`method_heatmap`, picks by model: for LAIP, :func:`phrase_heatmap` draws the bidirectional attention
+map of each noun phrase of the caption over the result (the paper's Figures 2 and 7); for the other methods,
+:func:`attention_heatmap` uses ``tbps_lib.analysis.attention``: each word's weight is the share of the
 image-caption score it adds (``word_maps``' delta_w: the score minus the score without that word), and the
 image shows the caption's gradient map over the result (``overlay``). None shows a message instead; a
 provider that cannot explain a model (no image token grid, say) is reported in the panel.
@@ -53,6 +55,7 @@ class WordHeatmap:
 
     words: list[tuple[str, float]]
     image: np.ndarray | None = None
+    title: str | None = None  # what the shading and the picture show (default: the score each word adds)
 
 
 #: ``provider(search, caption, gallery_index) -> WordHeatmap`` (or ``[(word, weight), ...]``)
@@ -76,6 +79,41 @@ def attention_heatmap(search: CaptionSearch, caption: str, gallery_index: int) -
     delta = dict(zip(scored, per_word.scores.float().cpu().tolist()))
     return WordHeatmap([(w, max(delta.get(i, 0.0), 0.0)) for i, w in enumerate(words)],
                        overlay(image, whole.maps[0]))
+def phrase_heatmap(search: CaptionSearch, caption: str, gallery_index: int, max_phrases: int = 3) -> WordHeatmap:
+    """LAIP's bidirectional attention (Eq. (4)-(7); ``analysis.laip_figures.image_phrase_maps``) of the
+    caption's first ``max_phrases`` noun phrases (``data.text.extract_noun_phrases``) on gallery image
+    ``gallery_index``: each phrase with its last word (its head noun) masked, the maps drawn over the image
+    side by side in the caption's order, the phrases' words shaded. Needs a LAIP model with its MPM head."""
+    from tbps_lib.analysis.attention import overlay
+    from tbps_lib.analysis.laip_figures import image_phrase_maps
+    from tbps_lib.data.text import extract_noun_phrases
+
+    if getattr(search.model, "mpm_head", None) is None or not hasattr(search.model, "phrase_attention"):
+        raise ValueError("phrase maps need a LAIP model with its masked phrase head")
+    words = caption_words(caption)
+    spans = list(extract_noun_phrases(caption).word_spans)[:max_phrases]
+    if not spans:
+        raise ValueError("the caption has no noun phrase")
+    image = load_image(Path(search.encoded.image_paths[gallery_index]), tuple(search.model.cfg.image.img_size))
+    out = image_phrase_maps(search.model, search.tokenizer, normalize_image(image), caption,
+                            [end - 1 for _, end in spans])
+    pictures = [overlay(image, m) for m in out["maps"]["bidirectional"]]
+    gap = np.ones((pictures[0].shape[0], 2, 3), dtype=pictures[0].dtype)
+    shaded = {i for start, end in spans for i in range(start, end)}
+    names = ", ".join(f'"{p}"' for p in out["phrases"])
+    return WordHeatmap([(w, 1.0 if i in shaded else 0.0) for i, w in enumerate(words)],
+                       np.concatenate([x for p in pictures for x in (p, gap)][:-1], axis=1),
+                       f"LAIP's bidirectional attention (Eq. (7)) of the noun phrases {names}, left to right, on")
+
+
+def method_heatmap(search: CaptionSearch, caption: str, gallery_index: int) -> WordHeatmap:
+    """The demo's default provider: :func:`phrase_heatmap` for a LAIP model with its MPM head (the paper's
+    phrase maps), :func:`attention_heatmap` for every other model."""
+    if getattr(search.model, "mpm_head", None) is not None and hasattr(search.model, "phrase_attention"):
+        return phrase_heatmap(search, caption, gallery_index)
+    return attention_heatmap(search, caption, gallery_index)
+
+
 #: Errors of opening a run or a gallery that the app reports as a message (missing folder or files, weights
 #: that no longer fit the model code, a config of an unknown method, an unreadable dataset, a gallery folder
 #: with no usable image).
@@ -157,7 +195,7 @@ class SearchController:
     """
 
     def __init__(self, runs: dict[str, str | Path], split: str = "test",
-                 heatmap_provider: HeatmapProvider | None = attention_heatmap, seed: int = 0,
+                 heatmap_provider: HeatmapProvider | None = method_heatmap, seed: int = 0,
                  device: str | None = None, gallery: str | Path | None = None,
                  empty_message: str = "No trained run to search: train one with `tbps train --method baseline` "
                                       "or run notebooks/00_quickstart.ipynb.") -> None:
@@ -305,8 +343,8 @@ class SearchController:
                                   gallery_index=gallery_index)
         row = self.last.table.loc[self.last.table["gallery_index"] == gallery_index]
         where = f"result #{int(row['rank'].iloc[0])}" if len(row) else f"gallery image {gallery_index}"
-        return HeatmapOutcome(True, f"How much each word of the caption adds to the score of {where} "
-                                    f"(darker: more).", words, gallery_index, heatmap.image)
+        title = heatmap.title or "How much each word of the caption adds to the score of"
+        return HeatmapOutcome(True, f"{title} {where} (darker: more).", words, gallery_index, heatmap.image)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,7 +415,7 @@ class SearchApp:
     @classmethod
     def from_runs_dir(cls, runs_dir: str | Path | None = None, dataset: str | None = None,
                       preset: str | None = None, selected: str | Path | Run | None = None,
-                      heatmap_provider: HeatmapProvider | None = attention_heatmap, k: int = 10,
+                      heatmap_provider: HeatmapProvider | None = method_heatmap, k: int = 10,
                       **kwargs: Any) -> "SearchApp":
         """An app over every finished run of the registry (see :meth:`SearchController.from_runs_dir`)."""
         return cls(SearchController.from_runs_dir(runs_dir, dataset, preset, selected,
@@ -385,7 +423,7 @@ class SearchApp:
 
     @classmethod
     def from_run_dirs(cls, dirs: Iterable[str | Path],
-                      heatmap_provider: HeatmapProvider | None = attention_heatmap, k: int = 10,
+                      heatmap_provider: HeatmapProvider | None = method_heatmap, k: int = 10,
                       **kwargs: Any) -> "SearchApp":
         """An app over the given run folders."""
         return cls(SearchController.from_run_dirs(dirs, heatmap_provider=heatmap_provider, **kwargs), k=k)

@@ -16,9 +16,9 @@ from tbps_lib.models import acsa as acsa_module
 from tbps_lib.models.acsa import RELATIONS, Acsa, AcsaConfig, paper_rows, parse_partition
 from tbps_lib.models.layers import pool_row_ranges, stripe_rows
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
+from tbps_lib.pretrain import RANDOM_INIT  # unit tests of untrained models
 from test_baseline import N_CLASSES, make_batch
 
-RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}  # unit tests of untrained models
 E = math.e
 
 

@@ -19,11 +19,10 @@ from tbps_lib.data.text import CaptionTokenizer
 from tbps_lib.models.base import RetrievalModel
 from tbps_lib.models.encoders import ImageFeatures, TextFeatures
 from tbps_lib.models.registry import build_model
+from tbps_lib.pretrain import RANDOM_INIT  # unit tests of untrained models
 
 CAPTIONS = ["a man in a red shirt with a blue bag", "a woman wears green shoes and a red bag",
             "the person has black hair and a blue shirt"] * 3
-
-RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}  # these test untrained models
 
 
 @pytest.fixture(scope="module")

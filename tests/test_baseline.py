@@ -10,10 +10,9 @@ from tbps_lib.config import SMOKE_DEFAULTS, make_config, override
 from tbps_lib.models.baseline import Baseline, BaselineConfig
 from tbps_lib.models.layers import PooledProjection, masked_max_pool, masked_mean_pool
 from tbps_lib.models.registry import build_model, list_methods
+from tbps_lib.pretrain import RANDOM_INIT  # unit tests of untrained models
 
 N_CLASSES = 4
-
-RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}  # unit tests of untrained models
 
 
 def make_batch(n: int = 8, length: int = 10, vocab: int = 2000, seed: int = 0) -> dict:

@@ -224,6 +224,58 @@ def test_attention_heatmap_of_a_baseline_model(tmp_path):
     assert '<img src="data:image/png;base64,' in heatmap_html(outcome)
 
 
+def test_phrase_heatmap_of_a_laip_model(tmp_path):
+    """The default provider on a (randomly initialised) smoke LAIP model: one bidirectional map per noun
+    phrase (issue: the demo shows a phrase's map when a result is clicked), the phrases' words shaded; a model
+    without the MPM head gets the word heatmap instead, and phrase_heatmap refuses it."""
+    import numpy as np
+    import torch
+
+    from tbps_lib.analysis.laip_figures import image_phrase_maps
+    from tbps_lib.config import make_config
+    from tbps_lib.data.loaders import build_tokenizer, load_image, normalize_image, prepare_dataset, train_captions
+    from tbps_lib.data.text import caption_words, extract_noun_phrases
+    from tbps_lib.demo import method_heatmap, phrase_heatmap
+    from tbps_lib.engine.evaluate import encode
+    from tbps_lib.models import build_model
+    from tbps_lib.pretrain import RANDOM_INIT
+    from tbps_lib.search import CaptionSearch
+
+    changes = {**RANDOM_INIT, "model.init_albef": "none"}
+    cfg = make_config("laip", "smoke", dataset=str(write_toy_dataset(tmp_path / "data")), changes=changes)
+    ds = prepare_dataset(cfg)
+    tokenizer = build_tokenizer(cfg, train_captions(ds))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    searcher = CaptionSearch(model, tokenizer, encode(model, ds, "test", tokenizer, cfg, torch.device("cpu")))
+    caption = "a person in a red shirt, and blue trousers"
+    spans = extract_noun_phrases(caption).word_spans
+    assert len(spans) >= 2
+    heat = method_heatmap(searcher, caption, 2)
+    assert [w for w, _ in heat.words] == caption_words(caption)
+    shaded = {i for start, end in spans[:3] for i in range(start, end)}
+    assert [i for i, (_, v) in enumerate(heat.words) if v > 0] == sorted(shaded)
+    h, w = cfg.image.img_size
+    n = min(3, len(spans))
+    assert heat.image.shape == (h, n * w + 2 * (n - 1), 3) and 0.0 <= heat.image.min() <= heat.image.max() <= 1.0
+    assert "bidirectional attention" in heat.title
+    # the first panel is the first phrase's map (its head noun masked) drawn over the image
+    from tbps_lib.analysis.attention import overlay
+
+    image = load_image(Path(searcher.encoded.image_paths[2]), (h, w))
+    first = image_phrase_maps(model, tokenizer, normalize_image(image), caption, [spans[0][1] - 1])
+    assert np.allclose(heat.image[:, :w], overlay(image, first["maps"]["bidirectional"][0]), atol=1e-5)
+    controller = SearchController({})
+    controller.search_engine = searcher
+    controller.search(caption, k=3)
+    outcome = controller.heatmap(2)
+    assert outcome.ok and outcome.message.startswith("LAIP's bidirectional attention") and outcome.image is not None
+    model.mpm_head = None  # no MPM head (e.g. Table IV's ITC+ITM rows): the word heatmap, not a failure
+    assert "bidirectional" not in (method_heatmap(searcher, caption, 2).title or "")
+    with pytest.raises(ValueError, match="masked phrase head"):
+        phrase_heatmap(searcher, caption, 2)
+
+
 def test_click_on_a_result_asks_the_heatmap_provider(registry_dir):
     asked = []
 

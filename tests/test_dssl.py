@@ -14,9 +14,9 @@ from tbps_lib.models.base import TrainingContext
 from tbps_lib.models.dssl import DSSL, paper_rows, zero_elements
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
 from tbps_lib.reported import load_reported, parse_config
+from tbps_lib.pretrain import RANDOM_INIT  # unit tests of untrained models
 from test_baseline import N_CLASSES, make_batch
 
-RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}
 TINY = {"embed_dim": 64, "model.gn_groups": 8}
 
 

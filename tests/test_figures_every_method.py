@@ -83,3 +83,22 @@ def test_heatmaps_pointing_and_decoder_attention_of_every_method(runs):
     assert list(dict.fromkeys(decoder["method"])) == decoders
     fig = figures.decoder_attention_figure(runs, examples)
     assert [ax.get_title() for ax in fig.axes if ax.get_title() in runs] == decoders
+
+
+def test_part_level_scoring_table_splits_eq14(runs):
+    """Notebook 04's diagnostic: each subset of Eq. (14)'s terms scored alone; the full subset is the method's
+    own ranking and the global subset the plain cosine of the global embeddings."""
+    import torch.nn.functional as F
+
+    from tbps_lib.analysis.part_level_figures import SCORINGS, scoring_table
+    from tbps_lib.engine.evaluate import evaluate
+    from tbps_lib.engine.metrics import rank_metrics
+
+    run = runs["part_level"]
+    table = scoring_table({"ours": run}, "test").set_index("scoring")
+    assert list(table.index) == list(SCORINGS)
+    enc = run.embeddings("test")
+    assert table.loc["Eq. (14): all", "R1"] == pytest.approx(evaluate(run.model, enc)["R1"])
+    cos = F.normalize(enc.text_feats["global"], dim=-1) @ F.normalize(enc.image_feats["global"], dim=-1).T
+    assert table.loc["global", "mAP"] == pytest.approx(rank_metrics(cos, enc.query_pids, enc.gallery_pids)["mAP"])
+    assert set(scoring_table({"base": runs["baseline"]}, "test")["scoring"]) <= {"global"}  # no part embeddings

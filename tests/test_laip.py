@@ -16,10 +16,11 @@ from tbps_lib.losses import (attention_weights, biatt_loss, fusion_triplet_loss,
 from tbps_lib.models.base import TrainingContext
 from tbps_lib.models.laip import LAIP, LAIPConfig, albef_to_laip, paper_rows
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
+from tbps_lib.pretrain import RANDOM_INIT as RANDOM_ENCODERS
 from test_baseline import make_batch
 from test_pretrain import tiny  # noqa: F401 (fixture: tiny pretraining configs in a private cache)
 
-RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none", "model.init_albef": "none"}
+RANDOM_INIT = {**RANDOM_ENCODERS, "model.init_albef": "none"}  # and no VLP weights
 
 
 def laip_model(**changes) -> LAIP:

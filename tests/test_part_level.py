@@ -16,9 +16,9 @@ from tbps_lib.models.base import TrainingContext
 from tbps_lib.models.part_level import (SMOKE_ALL_NEGATIVES_EPOCHS, PartLevel, PartLevelConfig, horizontal_stripes,
                                         paper_rows)
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
+from tbps_lib.pretrain import RANDOM_INIT  # unit tests of untrained models
 from test_baseline import N_CLASSES, make_batch
 
-RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}  # unit tests of untrained models
 TINY = {"embed_dim": 64}  # 1 head of 64 channels: fast
 
 

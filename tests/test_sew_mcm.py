@@ -12,12 +12,11 @@ from tbps_lib.losses import (adaptive_margin, cmpc_loss, cmpm_loss, masked_capti
                              sew_matching_loss)
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
 from tbps_lib.models.sew_mcm import MCM_VARIANTS, SewMCM, SewMCMConfig, paper_rows
+from tbps_lib.pretrain import RANDOM_INIT  # unit tests of untrained models
 from test_baseline import N_CLASSES, make_batch
 from test_trainer import write_toy_dataset
 
 T_BOUNDS = {"model.t_min": 4.0, "model.t_max": 9.0}
-
-RANDOM_INIT = {"image.pretrained": "none", "text.pretrained": "none"}  # unit tests of untrained models
 
 
 def sew_model(**changes) -> SewMCM:

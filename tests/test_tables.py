@@ -435,17 +435,35 @@ def test_reproduce_plan_is_what_the_notebooks_train():
     assert all(c.optim.max_steps == 12 for c in figures["config"])
     full = reproduce_plan(["baseline"], NotebookParams(mode="smoke", data="synthetic:cuhk-like", runs=""))
     # no changes in the full budget: 09-11 load the default runs; notebook 02's random-init baseline is planned
-    assert full["table"].tolist() == ["default", "random init"]
-    random_init = full.set_index("table").loc["random init", "config"]
+    assert full[["table", "row"]].values.tolist() == [["default", "default"], ["extra", "random init"]]
+    random_init = full.set_index("row").loc["random init", "config"]
     assert (random_init.image.pretrained, random_init.text.pretrained) == (None, None)  # "none" reads as None
     assert [line.split(":")[0] for line in config_diff(full["config"].iloc[0], random_init)] == [
         "image.pretrained", "text.pretrained"]
-    rows = plan[~plan["table"].isin(["default", "figures", "random init"])]
+    rows = plan[~plan["table"].isin(["default", "figures", "extra"])]
     lookup = RunLookup("smoke", seeds=ci.seeds, changes=params.changes)
     assert rows["hash"].tolist() == plan_tables("sew_mcm", ("4",), "smoke", lookup)["hash"].tolist()
     assert set(rows["seed"]) == {0, 1} and all(c.optim.max_steps == 12 for c in rows["config"])
     with pytest.raises(ValueError, match="unknown budget"):
         trained_tables("sew_mcm", "weekly")
+
+
+def test_reproduce_plan_trains_notebook_06s_variants_in_the_full_budget():
+    """Notebook 06's Table V / Figure 6 variants are single-seed runs of the default config with SWEEPS'
+    changes: planned (so `tbps reproduce` trains them, two at a time) in the full budget only."""
+    from tbps_lib.analysis.laip_figures import SWEEPS
+    from tbps_lib.analysis.tables import notebook_extras, reproduce_plan
+    from tbps_lib.config import NotebookParams, config_hash, make_config
+
+    plan = reproduce_plan(["laip"], NotebookParams.of("full", "smoke", "synthetic:cuhk-like", ""))
+    extra = plan[plan["table"] == "extra"].set_index("row")
+    assert set(extra.index) == {label for label, changes in SWEEPS.items() if changes} and len(extra) == 4
+    for label, changes in SWEEPS.items():  # the configs notebook 06 asks for, "LAIP" being the default run
+        cfg = make_config("laip", "smoke", "synthetic:cuhk-like", changes)
+        assert config_hash(cfg) in set(plan["hash"]) and cfg.seed == 0
+    assert notebook_extras("laip", "ci", "smoke") == {} and notebook_extras("laip", "full", "paper") == {}
+    ci = reproduce_plan(["laip"], NotebookParams.of("ci", "smoke", "synthetic:cuhk-like", ""))
+    assert "extra" not in set(ci["table"])
 
 
 def test_reproduce_plan_of_the_paper_check(monkeypatch, tmp_path):

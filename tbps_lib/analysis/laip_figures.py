@@ -25,6 +25,13 @@ from tbps_lib.analysis.attention import (overlay, part_mask, phrase_span, point_
 
 MODES = ("forward", "backward", "bidirectional")
 
+#: Table V (MPM vs MLM) and Figure 6 (fusion layer L, margin delta) at smoke scale: variants of the default
+#: run (config changes over it), one seed each, that notebook 06 trains in the ``full`` and ``all`` budgets
+#: (``analysis.tables.notebook_extras``: ``tbps reproduce`` trains them before the notebooks run).
+SWEEPS: dict[str, dict[str, Any]] = {"MLM instead of MPM": {"model.masked_modeling": "caption"},
+                                     "delta 0.2": {"model.delta": 0.2}, "delta 1.0": {"model.delta": 1.0},
+                                     "L = 2": {"model.attention_layer": 2}, "LAIP": {}}
+
 
 def _laip_runs(runs: Mapping[str, Any]) -> dict[str, Any]:
     from tbps_lib.models.laip import LAIP
@@ -34,23 +41,31 @@ def _laip_runs(runs: Mapping[str, Any]) -> dict[str, Any]:
 
 def phrase_maps(run: Any, record: Any, caption: str, word_indices: list[int]) -> dict[str, Any]:
     """The three maps of the noun phrase around each part word of ``caption`` on ``record``'s image:
-    ``{"phrases": [str], "maps": {mode: [P, h, w]}, "grid": (h, w)}``."""
+    ``{"phrases": [str], "maps": {mode: [P, h, w]}, "grid": (h, w)}`` (:func:`image_phrase_maps`)."""
     from tbps_lib.data.loaders import load_image, normalize_image
+
+    image = normalize_image(load_image(run.dataset.image_path(record), tuple(run.config.image.img_size)))
+    return image_phrase_maps(run.model, run.tokenizer, image, caption, word_indices)
+
+
+def image_phrase_maps(model: Any, tokenizer: Any, image: torch.Tensor, caption: str,
+                      word_indices: list[int]) -> dict[str, Any]:
+    """:func:`phrase_maps` on a normalised image tensor [3, H, W] (any image: the caption-search demo's
+    gallery too): for each word index of ``caption``, its noun phrase (``phrase_span``) with that word masked,
+    and LAIP's forward, backward and bidirectional maps (``LAIP.phrase_attention``) over the image grid."""
     from tbps_lib.data.text import caption_words
 
-    model, tok = run.model, run.tokenizer
     words = caption_words(caption)
     phrases, positions = [], []
     for index in word_indices:
         start, end = phrase_span(caption, index)
         phrases.append(" ".join(words[start:end]))
         positions.append(index - start)
-    enc = tok.encode_with_words(phrases)
+    enc = tokenizer.encode_with_words(phrases)
     length = min(enc["input_ids"].shape[1], int(enc["attention_mask"].sum(1).max()))
     ids, mask, word_ids = (enc[k][:, :length] for k in ("input_ids", "attention_mask", "word_ids"))
     masked = torch.stack([(w == p).long().argmax() for w, p in zip(word_ids, positions)])  # first piece
     device = next(model.parameters()).device
-    image = normalize_image(load_image(run.dataset.image_path(record), tuple(run.config.image.img_size)))
     images = image.unsqueeze(0).expand(len(phrases), -1, -1, -1).to(device)
     was_training = model.training
     model.eval()

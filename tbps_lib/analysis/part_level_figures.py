@@ -11,6 +11,8 @@
   that differ from another test identity in one change unit of the generator (``synthetic_attributes.
   CHANGE_UNITS``: a sibling of the same family with one detail re-drawn) are the "look-alikes"; R@1 on their
   captions and how often the top-1 image is the look-alike's, per method.
+* :func:`scoring_table`: R@1 of each run with each subset of Eq. (14)'s terms (which embeddings carry the
+  ranking, and whether a step's loss comes from the scoring or from the training).
 
 Builders registered for ``tbps figures`` take ``runs`` = ``{method: Run}`` and return None when the runs
 have no part-level model (or, for look-alikes, no synthetic attributes).
@@ -288,6 +290,35 @@ def commonality_table(run: Any, split: str = "val") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-__all__ = ["REGIONS", "token_part_table", "token_part_summary", "token_parts_figure", "plot_token_parts",
+#: The terms of Eq. (14) that :func:`scoring_table` sums, by name.
+SCORINGS: dict[str, tuple[str, ...]] = {"global": ("global",), "coarse": ("coarse",), "fine": ("fine",),
+                                        "global + coarse": ("global", "coarse"), "global + fine": ("global", "fine"),
+                                        "Eq. (14): all": ("global", "coarse", "fine")}
+
+
+@torch.no_grad()
+def scoring_table(runs: Mapping[str, Any], split: str = "val") -> pd.DataFrame:
+    """Which terms of Eq. (14) carry the ranking? For each labelled run and each :data:`SCORINGS` entry whose
+    embeddings the run has, R1 / R5 / mAP (percent) of ranking ``split`` by the sum of those terms' cosines
+    (``PartLevel.pair_scores`` on those of the run's cached embeddings; the last entry is the method's own
+    scoring). It separates two explanations of a step that loses accuracy: embeddings that add noise to the
+    sum (the global term alone scores better than the sum) and training that hurts the global embedding
+    itself (it scores worse than the baseline's global term)."""
+    from tbps_lib.engine.metrics import rank_metrics
+
+    rows = []
+    for label, run in runs.items():
+        enc = run.embeddings(split)
+        for name, terms in SCORINGS.items():
+            if not all(t in enc.text_feats and t in enc.image_feats for t in terms):
+                continue
+            scores = run.model.pair_scores({t: enc.image_feats[t] for t in terms},  # Eq. (14) on these terms
+                                           {t: enc.text_feats[t] for t in terms})
+            m = rank_metrics(scores, enc.query_pids, enc.gallery_pids)
+            rows.append({"run": label, "scoring": name, "R1": m["R1"], "R5": m["R5"], "mAP": m["mAP"]})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["REGIONS", "SCORINGS", "token_part_table", "token_part_summary", "token_parts_figure", "plot_token_parts",
            "fig4_attention", "lookalike_pairs", "lookalike_table", "lookalike_figure", "plot_lookalikes",
-           "commonality_table"]
+           "commonality_table", "scoring_table"]

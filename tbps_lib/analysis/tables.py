@@ -539,18 +539,37 @@ def paper_table_rows(paper: str, table: str | int) -> list[str]:
     return list(dict.fromkeys(long.sort_values("order", kind="stable")["row"]))
 
 
+def notebook_extras(method: str, budget: str, mode: str) -> dict[str, dict[str, Any]]:
+    """The runs a method's notebook trains besides its tables, as ``{label: config changes}`` over its
+    default run (seed 0; ``reproduce_plan`` adds the budget's ``default_changes``): in smoke mode, notebook
+    02's random-init baseline (``pretrain.RANDOM_INIT``) and, in the ``full`` and ``all`` budgets, notebook
+    06's Table V / Figure 6 variants of LAIP (``analysis.laip_figures.SWEEPS``). They live with the analysis,
+    not the registry, because they decide which runs a notebook shows, not what a run computes (a change here
+    leaves every run's code fingerprint as it is)."""
+    from tbps_lib.pretrain import RANDOM_INIT
+
+    if mode != "smoke":
+        return {}
+    if method == "baseline":
+        return {"random init": dict(RANDOM_INIT)}
+    if method == "laip" and budget in ("full", "all"):
+        from tbps_lib.analysis.laip_figures import SWEEPS
+
+        return {label: dict(changes) for label, changes in SWEEPS.items() if changes}  # {}: the default run
+    return {}
+
+
 def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:
     """Every run the notebooks of ``methods`` train under ``params`` (a
     :class:`~tbps_lib.config.NotebookParams`): each method's default run on ``params.data`` (table
-    ``default``: the run notebooks 00-02 and 12 load, with the budget's ``default_changes``; for the
-    baseline in smoke mode also table ``random init``, notebook 02's comparison), the same
+    ``default``: the run notebooks 00-02 and 12 load, with the budget's ``default_changes``), the
+    notebooks' single-seed variants of it (table ``extra``, :func:`notebook_extras`), the same
     with the budget's changes where they differ (table ``figures``: the runs notebooks 09-11 load,
     ``analysis.figures.load_runs``; in the ``ci`` budget) and, in smoke mode, the rows of its
     :func:`trained_tables` for ``params.budget`` with seeds 0..params.seeds-1 (in paper mode only
     under a budget whose changes apply there: ``check``). ``tbps reproduce`` trains
     them all before the notebooks run, so the notebooks only load."""
     from tbps_lib.config import config_hash, make_config
-    from tbps_lib.pretrain import RANDOM_INIT
 
     lookup = RunLookup(params.mode, params.runs, seeds=params.seeds, changes=params.changes)
     frames = []
@@ -558,12 +577,12 @@ def reproduce_plan(methods: Iterable[str], params: Any) -> pd.DataFrame:
         defaults = {"default": make_config(method, params.mode, dataset=params.data, changes=params.default_changes)}
         if params.changes != params.default_changes:
             defaults["figures"] = make_config(method, params.mode, params.data, params.changes)
-        if method == "baseline" and params.mode == "smoke":  # notebook 02: pretrained vs random init
-            defaults["random init"] = make_config(method, params.mode, params.data,
-                                                  {**params.default_changes, **RANDOM_INIT})
-        frames.append(pd.DataFrame([{"table": table, "order": 0, "row": "default", "dataset": params.data,
+        extras = {label: make_config(method, params.mode, params.data, {**params.default_changes, **changes})
+                  for label, changes in notebook_extras(method, params.budget, params.mode).items()}
+        frames.append(pd.DataFrame([{"table": table, "order": 0, "row": row, "dataset": params.data,
                                      "seed": cfg.seed, "method": method, "config": cfg, "hash": config_hash(cfg)}
-                                    for table, cfg in defaults.items()]))
+                                    for table, row, cfg in [*((t, "default", c) for t, c in defaults.items()),
+                                                            *(("extra", r, c) for r, c in extras.items())]]))
         if params.mode == "smoke" or params.train_changes:
             frames.append(plan_tables(method, trained_tables(method, params.budget), params.mode, lookup))
     return pd.concat(frames, ignore_index=True)
