@@ -185,25 +185,34 @@ def test_default_heatmap_on_a_model_without_image_tokens_is_a_message(app):
     assert "No heatmap for this result" in app.heatmap_view.value and "Traceback" not in app.heatmap_view.value
 
 
-def test_attention_heatmap_of_a_baseline_model(tmp_path):
-    """The default provider on a (randomly initialised) smoke baseline over the toy test split."""
-    import numpy as np
+def _toy_search(tmp_path, method: str, changes: dict | None = None):
+    """(config, model, tokenizer, CaptionSearch) of a smoke ``method`` model (seed 0, not trained further) over
+    the toy dataset's test split."""
     import torch
 
     from tbps_lib.config import make_config
     from tbps_lib.data.loaders import build_tokenizer, prepare_dataset, train_captions
-    from tbps_lib.data.text import caption_words
-    from tbps_lib.demo import attention_heatmap
     from tbps_lib.engine.evaluate import encode
     from tbps_lib.models import build_model
     from tbps_lib.search import CaptionSearch
 
-    cfg = make_config("baseline", "smoke", dataset=str(write_toy_dataset(tmp_path / "data")))
+    cfg = make_config(method, "smoke", dataset=str(write_toy_dataset(tmp_path / "data")), changes=changes or {})
     ds = prepare_dataset(cfg)
     tokenizer = build_tokenizer(cfg, train_captions(ds))
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    searcher = CaptionSearch(model, tokenizer, encode(model, ds, "test", tokenizer, cfg, torch.device("cpu")))
+    return cfg, model, tokenizer, CaptionSearch(model, tokenizer, encode(model, ds, "test", tokenizer, cfg,
+                                                                         torch.device("cpu")))
+
+
+def test_attention_heatmap_of_a_baseline_model(tmp_path):
+    """The default provider on a (randomly initialised) smoke baseline over the toy test split."""
+    import numpy as np
+
+    from tbps_lib.data.text import caption_words
+    from tbps_lib.demo import attention_heatmap
+
+    cfg, _, _, searcher = _toy_search(tmp_path, "baseline")
     caption = "a person in a red shirt, and blue trousers"
     heat = attention_heatmap(searcher, caption, 3)
     assert [w for w, _ in heat.words] == caption_words(caption)
@@ -229,25 +238,14 @@ def test_phrase_heatmap_of_a_laip_model(tmp_path):
     phrase (issue: the demo shows a phrase's map when a result is clicked), the phrases' words shaded; a model
     without the MPM head gets the word heatmap instead, and phrase_heatmap refuses it."""
     import numpy as np
-    import torch
 
     from tbps_lib.analysis.laip_figures import image_phrase_maps
-    from tbps_lib.config import make_config
-    from tbps_lib.data.loaders import build_tokenizer, load_image, normalize_image, prepare_dataset, train_captions
+    from tbps_lib.data.loaders import load_image, normalize_image
     from tbps_lib.data.text import caption_words, extract_noun_phrases
     from tbps_lib.demo import method_heatmap, phrase_heatmap
-    from tbps_lib.engine.evaluate import encode
-    from tbps_lib.models import build_model
     from tbps_lib.pretrain import RANDOM_INIT
-    from tbps_lib.search import CaptionSearch
 
-    changes = {**RANDOM_INIT, "model.init_albef": "none"}
-    cfg = make_config("laip", "smoke", dataset=str(write_toy_dataset(tmp_path / "data")), changes=changes)
-    ds = prepare_dataset(cfg)
-    tokenizer = build_tokenizer(cfg, train_captions(ds))
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    searcher = CaptionSearch(model, tokenizer, encode(model, ds, "test", tokenizer, cfg, torch.device("cpu")))
+    cfg, model, tokenizer, searcher = _toy_search(tmp_path, "laip", {**RANDOM_INIT, "model.init_albef": "none"})
     caption = "a person in a red shirt, and blue trousers"
     spans = extract_noun_phrases(caption).word_spans
     assert len(spans) >= 2
