@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 
 ## The whole test suite: unit tests and the notebooks (smoke mode, under nbval). The notebooks run in the
 ## `ci` budget (TBPS_BUDGET=ci, tbps_lib.config.BUDGETS: 2 seeds, runs of a few steps) so that the suite
-## stays within CI's time with five method notebooks; `make reproduce` runs the `full` budget.
+## stays within CI's time with five method notebooks; `make reproduce` runs the `full` budget. The notebooks'
+## figures go to a scratch folder (TBPS_FIGURES), so a test run leaves the committed full-budget figures/ alone.
+TEST_FIGURES ?= $(or $(TBPS_FIGURES),/tmp/tbps-test-figures)
 test: $(STAMP)
-	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests $(wildcard notebooks)
+	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 TBPS_FIGURES=$(TEST_FIGURES) OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_NB) tests $(wildcard notebooks)
 
 test-units: $(STAMP)
 	$(PY) -m pytest -n 2 tests
@@ -34,7 +36,7 @@ test-paper: $(STAMP)
 	TBPS_TEST_PAPER=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 tests/test_notebooks_paper.py
 
 test-notebooks: $(STAMP)
-	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 $(PY) -m pytest $(PYTEST_NB) notebooks
+	TBPS_MODE=smoke TBPS_BUDGET=ci TBPS_PROGRESS=0 TBPS_FIGURES=$(TEST_FIGURES) $(PY) -m pytest $(PYTEST_NB) notebooks
 
 ## The main job: train every run the notebooks need, two processes at a time (`tbps reproduce`: the
 ## pretrained smoke backbones, each method's default run and its notebook's tables with 3 seeds, the `full`
