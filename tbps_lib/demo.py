@@ -79,6 +79,11 @@ def attention_heatmap(search: CaptionSearch, caption: str, gallery_index: int) -
     delta = dict(zip(scored, per_word.scores.float().cpu().tolist()))
     return WordHeatmap([(w, max(delta.get(i, 0.0), 0.0)) for i, w in enumerate(words)],
                        overlay(image, whole.maps[0]))
+def _has_phrase_maps(model: Any) -> bool:
+    """Whether ``model`` draws LAIP's phrase maps: ``phrase_attention`` and the MPM head it predicts with."""
+    return hasattr(model, "phrase_attention") and getattr(model, "mpm_head", None) is not None
+
+
 def phrase_heatmap(search: CaptionSearch, caption: str, gallery_index: int, max_phrases: int = 3) -> WordHeatmap:
     """LAIP's bidirectional attention (Eq. (4)-(7); ``analysis.laip_figures.image_phrase_maps``) of the
     caption's first ``max_phrases`` noun phrases (``data.text.extract_noun_phrases``) on gallery image
@@ -88,7 +93,7 @@ def phrase_heatmap(search: CaptionSearch, caption: str, gallery_index: int, max_
     from tbps_lib.analysis.laip_figures import image_phrase_maps
     from tbps_lib.data.text import extract_noun_phrases
 
-    if getattr(search.model, "mpm_head", None) is None or not hasattr(search.model, "phrase_attention"):
+    if not _has_phrase_maps(search.model):
         raise ValueError("phrase maps need a LAIP model with its masked phrase head")
     words = caption_words(caption)
     spans = list(extract_noun_phrases(caption).word_spans)[:max_phrases]
@@ -109,7 +114,7 @@ def phrase_heatmap(search: CaptionSearch, caption: str, gallery_index: int, max_
 def method_heatmap(search: CaptionSearch, caption: str, gallery_index: int) -> WordHeatmap:
     """The demo's default provider: :func:`phrase_heatmap` for a LAIP model with its MPM head (the paper's
     phrase maps), :func:`attention_heatmap` for every other model."""
-    if getattr(search.model, "mpm_head", None) is not None and hasattr(search.model, "phrase_attention"):
+    if _has_phrase_maps(search.model):
         return phrase_heatmap(search, caption, gallery_index)
     return attention_heatmap(search, caption, gallery_index)
 
