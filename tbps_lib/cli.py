@@ -205,33 +205,17 @@ def _roots(pairs: Sequence[str]) -> dict[str, str]:
     return roots
 
 
-def _workbook_weights(value: object) -> set[str]:
-    """Every ``workbook:<name>`` string inside a (nested) config dict."""
-    from tbps_lib.pretrain import WORKBOOK_PREFIX
-
-    if isinstance(value, dict):
-        return set().union(*(_workbook_weights(v) for v in value.values())) if value else set()
-    if isinstance(value, str) and value.startswith(WORKBOOK_PREFIX):
-        return {value[len(WORKBOOK_PREFIX):]}
-    return set()
-
-
-def _pretrain_one(name: str) -> str:
-    from tbps_lib import pretrain
-
-    return str(pretrain.ensure_pretrained(pretrain.workbook_config(name, "pretrained"), progress=False))
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    """Train every run the notebooks need, ``--jobs`` processes at a time: the pretrained smoke backbones
-    first, then each method's default run and the rows of the tables its notebook trains in the budget
-    (``analysis.tables.reproduce_plan``). ``make reproduce`` runs this before executing the notebooks,
-    which then only load runs."""
+    """Train every run the notebooks need, ``--jobs`` processes at a time: each method's default run and the
+    rows of the tables its notebook trains in the budget (``analysis.tables.reproduce_plan``), with the
+    pretrained smoke backbones they load as the first jobs of the same pool (``engine.runs.train_many``).
+    ``make reproduce`` runs this before executing the notebooks, which then only load runs."""
     import time
 
+    from tbps_lib import pretrain
     from tbps_lib.analysis.tables import reproduce_plan
-    from tbps_lib.config import BUDGETS, NotebookParams, config_to_dict
-    from tbps_lib.engine.runs import find_run, run_parallel, train_many
+    from tbps_lib.config import BUDGETS, NotebookParams
+    from tbps_lib.engine.runs import find_run, train_many, workbook_weights
     from tbps_lib.models.registry import list_methods
 
     methods = args.methods or list_methods()
@@ -256,16 +240,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     start = time.perf_counter()
-    weights = sorted(set().union(*(_workbook_weights(config_to_dict(c)) for c in distinct["config"])))
-    if weights:
-        run_parallel(_pretrain_one, [(w,) for w in weights], args.jobs, args.threads, not args.quiet,
-                     desc="pretrained weights")
-    pretrain_s = time.perf_counter() - start
+    weights = pretrain.training_order(set().union(*(workbook_weights(c) for c in distinct["config"])))
+    fresh = [w for w in weights if not pretrain.is_complete(pretrain.weights_dir(pretrain.workbook_config(w)))]
     result = train_many(list(distinct["config"]), runs_dir, args.jobs, args.threads, progress=not args.quiet)
     total = time.perf_counter() - start
     trained = result[result["trained_now"]]
-    print(f"pretrained weights ({', '.join(weights) or 'none'}): {pretrain_s:.0f} s; {len(trained)} runs "
-          f"trained ({trained['wall_time_s'].sum():.0f} s of run time), {len(result) - len(trained)} loaded; "
+    made = ", ".join(f"{w} {pretrain.pretraining_info(w)['train_time_s']:.0f} s" for w in fresh) or "none"
+    print(f"pretrained weights trained ({made}) beside {len(trained)} runs "
+          f"({trained['wall_time_s'].sum():.0f} s of run time), {len(result) - len(trained)} loaded; "
           f"wall time {total:.0f} s")
     return 0
 

@@ -102,3 +102,25 @@ def test_part_level_scoring_table_splits_eq14(runs):
     cos = F.normalize(enc.text_feats["global"], dim=-1) @ F.normalize(enc.image_feats["global"], dim=-1).T
     assert table.loc["global", "mAP"] == pytest.approx(rank_metrics(cos, enc.query_pids, enc.gallery_pids)["mAP"])
     assert set(scoring_table({"base": runs["baseline"]}, "test")["scoring"]) <= {"global"}  # no part embeddings
+
+
+def test_itm_separation_reads_the_itm_head_on_own_hard_and_random_pairs(runs):
+    """Notebook 06's ITM diagnostic: the own-image row is the head's score of each caption's own image; a
+    head that ignores its input (weights zeroed) gives every kind the same logit and no separation."""
+    from tbps_lib.analysis.laip_figures import itm_separation
+
+    run = runs["laip"]
+    table = itm_separation(run, "test", n_queries=12)
+    assert list(table.index) == ["own image", "ITC-hardest other person", "random other person"]
+    assert (table["n"] == 12).all() and table["own image higher"].iloc[1:].between(0, 1).all()
+    head = run.model.itm_head
+    saved = head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            head.weight.zero_()
+        flat = itm_separation(run, "test", n_queries=12)
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(saved)
+    assert flat["ITM logit mean"].tolist() == pytest.approx([head.bias.item()] * 3)
+    assert flat["own image higher"].iloc[1:].tolist() == [0.0, 0.0]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tbps_lib.config import make_config
 from tbps_lib.data.text import IGNORE_INDEX
 from tbps_lib.losses import (attention_weights, biatt_loss, fusion_triplet_loss, itc_loss, itm_loss,
-                             mask_phrase_loss, phrase_guided_feature)
+                             mask_phrase_loss, mlm_loss, phrase_guided_feature)
 from tbps_lib.models.base import TrainingContext
 from tbps_lib.models.laip import LAIP, LAIPConfig, albef_to_laip, paper_rows
 from tbps_lib.models.registry import NotReproducible, build_model, list_methods, method_spec
@@ -103,6 +103,10 @@ def test_phrase_guided_feature_biatt_and_mpm_by_hand():
     labels = torch.tensor([[IGNORE_INDEX, 1], [1, IGNORE_INDEX]])
     expected = (math.log(1 + math.exp(2)) + math.log(1 + math.exp(-1))) / 2  # Eq. (11), 2 captions
     assert mask_phrase_loss(logits, labels, 2).item() == pytest.approx(expected, rel=1e-6)
+    # Table V's MLM averages over the masked tokens instead (BERT): 3 tokens in 2 captions -> / 3, not / 2
+    labels3 = torch.tensor([[0, 1], [1, IGNORE_INDEX]])
+    expected3 = (math.log(2) + math.log(1 + math.exp(2)) + math.log(1 + math.exp(-1))) / 3
+    assert mlm_loss(logits, labels3).item() == pytest.approx(expected3, rel=1e-6)
 
 
 # ---- the model ----------------------------------------------------------------------------------------------

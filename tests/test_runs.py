@@ -365,3 +365,22 @@ def test_train_many_trains_each_config_once_and_chained_runs_last(data, tmp_path
     assert table["trained_now"].tolist() == [True, True] and (table["wall_time_s"] > 0).all()
     again = runs.train_many([first], tmp_path, jobs=1, progress=False)
     assert again["trained_now"].tolist() == [False] and again["wall_time_s"].tolist() == [0.0]
+
+
+def test_train_many_trains_the_workbook_weights_first_and_runs_on_the_vlp_stage_last(tmp_path, monkeypatch):
+    """One pool: the weights the runs load are its first jobs (what LAIP's VLP stage starts from first, the
+    VLP stage last), then the runs, those on the VLP weights after those on unimodal weights only."""
+    from tbps_lib import pretrain
+    from tbps_lib.config import make_config
+
+    monkeypatch.setenv("TBPS_CACHE", str(tmp_path / "empty-cache"))  # nothing pretrained yet
+    assert pretrain.training_order({"vlp_smoke", "bigru_smoke"}) == ["bert_smoke", "resnet_smoke", "bigru_smoke",
+                                                                     "vlp_smoke"]
+    laip, baseline = make_config("laip", "smoke"), make_config("baseline", "smoke")
+    assert runs.workbook_weights(laip) == {"vlp_smoke", "resnet_smoke", "bert_smoke"}
+    order = []
+    monkeypatch.setattr(runs, "_pretrain_one", lambda name: order.append(name))
+    monkeypatch.setattr(runs, "_train_one", lambda cfg, *a: order.append(cfg.method) or (cfg.method, True, 1.0))
+    table = runs.train_many([laip, baseline], tmp_path, jobs=1, progress=False)
+    assert order == ["bert_smoke", "resnet_smoke", "bigru_smoke", "vlp_smoke", "baseline", "laip"]
+    assert table["run"].tolist() == ["baseline", "laip"]

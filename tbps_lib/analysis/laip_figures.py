@@ -107,6 +107,32 @@ def phrase_pointing_game(run: Any, split: str = "test", n_captions: int = 120, s
     return pd.DataFrame(rows)
 
 
+def itm_separation(run: Any, split: str = "val", n_queries: int = 256, seed: int = 0) -> pd.DataFrame:
+    """Does the ITM head (Eq. (18)) tell a caption's own image from another person's? For ``n_queries``
+    captions of ``split``: the ITM logit with its image, with the other person's image the ITC similarity
+    ranks highest (the kind of hard negative Eq. (19) trains on) and with a random other person's image.
+    One row per kind: mean and std of the logit, and for the negatives how often the positive scores
+    higher (0.5 = no separation). A head stuck at the prior gives the same logit to all three."""
+    model = run.model.eval()
+    enc = run.embeddings(split)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randperm(len(enc.query_pids), generator=gen)[:n_queries]
+    pids, gallery = enc.query_pids[q], enc.gallery_pids
+    other = pids[:, None] != gallery[None, :]
+    text = {k: v[q] for k, v in enc.text_feats.items()}
+    with torch.no_grad():
+        hard = model.similarity(enc.image_feats, text).masked_fill(~other, float("-inf")).argmax(dim=1)
+        rand = torch.multinomial(other.float(), 1, generator=gen).squeeze(1)
+        scores = {}
+        for kind, images in (("own image", enc.query_image_index[q]), ("ITC-hardest other person", hard),
+                             ("random other person", rand)):
+            scores[kind] = model.rescore(enc.image_feats, text, images[:, None]).squeeze(1)
+    own = scores["own image"]
+    return pd.DataFrame([{"pair": kind, "n": len(s), "ITM logit mean": float(s.mean()), "std": float(s.std()),
+                          "own image higher": float((own > s).float().mean()) if kind != "own image" else np.nan}
+                         for kind, s in scores.items()]).set_index("pair")
+
+
 def phrase_pointing_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per mode (and an ``all``-slots view per slot): n, hit %, energy %, chance % (random cell, area)."""
     agg = {"n": ("hit", "size"), "hit_%": ("hit", "mean"), "energy_%": ("energy", "mean"),

@@ -599,7 +599,7 @@ def list_runs(runs_dir: str | Path | None = None, only_stale: bool = False) -> p
 
 __all__ = ["RunError", "STALE_POLICIES", "FINGERPRINT_EXCLUDE", "sources_hash", "code_fingerprint", "stale_reason",
            "runs_root", "run_name", "resolve_config", "init_source", "initialise", "run_lock", "Run", "load_run",
-           "train_or_load", "find_run", "list_runs"]
+           "train_or_load", "find_run", "list_runs", "run_parallel", "train_many", "workbook_weights"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -649,18 +649,56 @@ def _train_one(cfg: Config, runs_dir: str | None, stale: str | None, device: str
     return run.name, run.trained_now, wall
 
 
+def _pretrain_one(name: str) -> None:
+    from tbps_lib import pretrain
+
+    pretrain.ensure_pretrained(name, progress=False)
+
+
+def _task(what: str, arg: Any, *rest: Any) -> Any:
+    """One job of :func:`train_many`'s pool: ``("weights", name)`` or ``("run", config, ...)``."""
+    return _pretrain_one(arg) if what == "weights" else _train_one(arg, *rest)
+
+
+def workbook_weights(value: object) -> set[str]:
+    """Every ``workbook:<name>`` string inside a (nested) config or config dict: the workbook's pretrained
+    weights a run loads (``tbps_lib.pretrain``)."""
+    from tbps_lib.pretrain import WORKBOOK_PREFIX
+
+    if isinstance(value, Config):
+        value = config_to_dict(value)
+    if isinstance(value, dict):
+        return set().union(*(workbook_weights(v) for v in value.values())) if value else set()
+    if isinstance(value, str) and value.startswith(WORKBOOK_PREFIX):
+        return {value[len(WORKBOOK_PREFIX):]}
+    return set()
+
+
 def train_many(configs: list[Config], runs_dir: str | Path | None = None, jobs: int = 1, threads: int = 1,
                stale: str | None = None, progress: bool = True, device: str | None = None) -> pd.DataFrame:
     """Train (or load) the run of every config, ``jobs`` processes at a time with ``threads`` threads each
     (:func:`run_parallel`): on a laptop, two one-thread runs side by side finish sooner than one two-thread
-    run after the other (small models do not scale across threads). Duplicate configs train once; a config
-    whose ``init.from_run`` names another run waits for the first wave (runs without one). Returns one line
-    per distinct config: ``run``, ``trained_now``, ``wall_time_s`` (0 for a loaded run)."""
+    run after the other (small models do not scale across threads). Duplicate configs train once.
+
+    The workbook weights the runs load (``workbook:<name>``) are jobs of the same pool, first, in
+    ``pretrain.training_order``; then the runs, those whose weights come last in that order last. So runs on
+    the unimodal smoke backbones train beside LAIP's vision-language stage instead of after it (a run whose
+    weights another process is still training waits for them: ``pretrain.ensure_pretrained`` holds a lock).
+    A config whose ``init.from_run`` names another run waits for the first wave (everything else).
+    Returns one line per distinct config: ``run``, ``trained_now``, ``wall_time_s`` (0 for a loaded run)."""
+    from tbps_lib.pretrain import is_complete, training_order, weights_dir, workbook_config
+
     distinct = list({config_hash(c): c for c in configs}.values())
     folder = None if runs_dir is None else str(runs_dir)
+    order = training_order(set().union(*(workbook_weights(c) for c in distinct)) if distinct else set())
+    rank = {name: i for i, name in enumerate(order)}
+    weights = [("weights", w) for w in order if not is_complete(weights_dir(workbook_config(w)))]
     rows: list[tuple[str, bool, float]] = []
-    for wave in ([c for c in distinct if not c.init.from_run], [c for c in distinct if c.init.from_run]):
-        if wave:
-            rows += run_parallel(_train_one, [(c, folder, stale, device) for c in wave], jobs, threads,
-                                 progress, desc="runs")
+    for i, wave in enumerate(([c for c in distinct if not c.init.from_run], [c for c in distinct if c.init.from_run])):
+        wave = sorted(wave, key=lambda c: max((rank[w] for w in workbook_weights(c)), default=-1))
+        jobs_ = (weights if i == 0 else []) + [("run", c, folder, stale, device) for c in wave]
+        if jobs_:
+            done = run_parallel(_task, jobs_, jobs, threads, progress, desc="weights and runs" if i == 0 and weights
+                                else "runs")
+            rows += [r for r in done if r is not None]
     return pd.DataFrame(rows, columns=["run", "trained_now", "wall_time_s"])

@@ -4,7 +4,7 @@ Person Search", file 003 in ``../shared/papers/``; appendix numbering for the AL
 Global stream (Eq. (1)): image-text contrastive loss with feature queues, Eq. (16)-(17); image-text
 matching on the fusion encoder's score, Eq. (18)-(19); the fusion triplet loss, Eq. (20).
 Phrase stream: the bidirectional attention weights, Eq. (4)-(7); the phrase-guided image feature, Eq. (8);
-the BidirAtt loss, Eq. (9)-(10); Mask Phrase Modeling, Eq. (11). Pure functions of tensors.
+the BidirAtt loss, Eq. (9)-(10); Mask Phrase Modeling, Eq. (11); Table V's MLM. Pure functions of tensors.
 """
 from __future__ import annotations
 
@@ -109,12 +109,21 @@ def biatt_loss(image: Tensor, phrase: Tensor, valid: Tensor, n_captions: int) ->
 def mask_phrase_loss(logits: Tensor, labels: Tensor, n_captions: int) -> Tensor:
     """Eq. (11) summed over the phrases of each caption (Eq. (12)), averaged over captions: the
     cross-entropy of the MLP's vocabulary ``logits`` [..., V] at every position whose ``labels`` [...] is not
-    ``IGNORE_INDEX`` (the masked word's pieces), summed, divided by ``n_captions``. Also the MLM loss of
-    Table V (labels at randomly masked caption tokens), there with one "phrase" = the caption."""
+    ``IGNORE_INDEX`` (the masked word's pieces), summed, divided by ``n_captions``."""
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                          reduction="sum")
     return ce / max(1, n_captions)
 
 
+@full_precision
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Masked language modelling as BERT (the paper's ref. [5]) and ALBEF's pretraining define it, Table V's
+    alternative to MPM and a loss of the workbook's VLP stage: the cross-entropy at every position whose
+    ``labels`` is not ``IGNORE_INDEX`` (the randomly masked caption tokens), *averaged over those tokens*.
+    (Summed per caption like Eq. (11), a caption's ~15% masked tokens weigh ~5 times ITC + ITM; in the VLP
+    stage that left held-out retrieval near chance: ``models.laip`` module docstring.)"""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 __all__ = ["ATTENTION_MODES", "attention_weights", "biatt_loss", "fusion_triplet_loss", "itc_loss", "itm_loss",
-           "mask_phrase_loss", "phrase_guided_feature"]
+           "mask_phrase_loss", "mlm_loss", "phrase_guided_feature"]
